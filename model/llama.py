@@ -1,0 +1,117 @@
+"""The Llama 3.1 network in Flax NNX.
+
+Layers are stacked (every block parameter has a leading `layers` axis) and run by one
+`jax.lax.scan` over a rematerialised block, so compile time does not depend on depth.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.ad_checkpoint import checkpoint_name as name
+
+from model.attention import attend, choose
+from model.config import LlamaConfig
+from model.layers import Dense, Embed, RMSNorm, apply_rope, rope_frequencies
+from sharding.rules import constrain
+
+# Remat policies by config name. Names given with `checkpoint_name` below: "attn_proj" marks the
+# q/k/v projections, "mlp_in" the gate/up products.
+REMAT_POLICIES = {
+    "none": None,  # keep every activation of every layer
+    "full": jax.checkpoint_policies.nothing_saveable,  # keep only each layer's input
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "attn_proj": jax.checkpoint_policies.save_only_these_names("attn_proj"),
+}
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs, layers: int | None = None):
+        D, N, K, H = cfg.dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        kw = dict(cfg=cfg, rngs=rngs, layers=layers)
+        self.q = Dense("BTD,DNH->BTNH", (D,), (N, H), ("embed", "heads", "head_dim"), **kw)
+        self.k = Dense("BTD,DKH->BTKH", (D,), (K, H), ("embed", "kv_heads", "head_dim"), **kw)
+        self.v = Dense("BTD,DKH->BTKH", (D,), (K, H), ("embed", "kv_heads", "head_dim"), **kw)
+        self.o = Dense("BTNH,NHD->BTD", (N, H), (D,), ("heads", "head_dim", "embed"), **kw)
+        self.impl = choose(cfg.attention)
+
+    def __call__(self, x_BTD, positions_BT, segments_BT, inv_freq, packed: bool):
+        q = constrain(name(self.q(x_BTD), "attn_proj"), ("batch", "length", "heads", "head_dim"))
+        k = constrain(name(self.k(x_BTD), "attn_proj"), ("batch", "length", "kv_heads", "head_dim"))
+        v = constrain(name(self.v(x_BTD), "attn_proj"), ("batch", "length", "kv_heads", "head_dim"))
+        q, k = apply_rope(q, positions_BT, inv_freq), apply_rope(k, positions_BT, inv_freq)
+        out = attend(q, k, v, q_pos=positions_BT, k_pos=positions_BT, q_seg=segments_BT, k_seg=segments_BT,
+                     impl=self.impl, causal_self=not packed)
+        return self.o(constrain(out, ("batch", "length", "heads", "head_dim")))
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs, layers: int | None = None):
+        D, F = cfg.dim, cfg.mlp_dim
+        kw = dict(cfg=cfg, rngs=rngs, layers=layers)
+        self.gate = Dense("BTD,DF->BTF", (D,), (F,), ("embed", "mlp"), **kw)
+        self.up = Dense("BTD,DF->BTF", (D,), (F,), ("embed", "mlp"), **kw)
+        self.down = Dense("BTF,FD->BTD", (F,), (D,), ("mlp", "embed"), **kw)
+
+    def __call__(self, x_BTD):
+        h = jax.nn.silu(name(self.gate(x_BTD), "mlp_in")) * name(self.up(x_BTD), "mlp_in")
+        return self.down(constrain(h, ("batch", "length", "mlp")))
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs, layers: int | None = None):
+        self.attn_norm = RMSNorm(cfg.dim, cfg=cfg, layers=layers)
+        self.attn = Attention(cfg, rngs=rngs, layers=layers)
+        self.mlp_norm = RMSNorm(cfg.dim, cfg=cfg, layers=layers)
+        self.mlp = MLP(cfg, rngs=rngs, layers=layers)
+
+    def __call__(self, x_BTD, positions_BT, segments_BT, inv_freq, packed: bool):
+        h = x_BTD + self.attn(self.attn_norm(x_BTD), positions_BT, segments_BT, inv_freq, packed)
+        out = h + self.mlp(self.mlp_norm(h))
+        return constrain(out, ("batch", "length", "embed"))
+
+
+class Llama(nnx.Module):
+    def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+        if cfg.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat={cfg.remat!r}: expected one of {', '.join(REMAT_POLICIES)}")
+        self.config = cfg
+        self.embed = Embed(cfg, rngs=rngs)
+        self.layers = Block(cfg, rngs=rngs, layers=cfg.num_layers)
+        self.norm = RMSNorm(cfg.dim, cfg=cfg)
+        if not cfg.tie_embeddings:
+            self.lm_head = Dense("BTD,DV->BTV", (cfg.dim,), (cfg.vocab_size,), ("embed", "vocab"), cfg=cfg, rngs=rngs)
+
+    def __call__(self, tokens_BT, positions_BT=None, segments_BT=None) -> jax.Array:
+        """Float32 logits [B, T, V]. Without positions, rows are single documents from position 0;
+        with segment ids, tokens attend only within their segment (packed rows)."""
+        cfg = self.config
+        packed = segments_BT is not None or positions_BT is not None
+        if positions_BT is None:
+            positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1], dtype=jnp.int32), tokens_BT.shape)
+        if segments_BT is None:
+            segments_BT = jnp.ones_like(tokens_BT, dtype=jnp.int32)
+        x = constrain(self.embed(tokens_BT), ("batch", "length", "embed"))
+        x = self.run_layers(x, positions_BT, segments_BT, packed)
+        x = self.norm(x)
+        logits = self.embed.attend(x) if cfg.tie_embeddings else self.lm_head(x)
+        return constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+
+    def run_layers(self, x, positions, segments, packed):
+        cfg = self.config
+        inv_freq = rope_frequencies(cfg)
+        graphdef, state = nnx.split(self.layers)
+
+        def body(x, layer_state):
+            return nnx.merge(graphdef, layer_state)(x, positions, segments, inv_freq, packed), None
+
+        policy = REMAT_POLICIES[cfg.remat]
+        if cfg.remat != "none":
+            body = jax.checkpoint(body, policy=policy, prevent_cse=not cfg.scan_layers)
+        if cfg.scan_layers:
+            x, _ = jax.lax.scan(body, x, state)
+        else:  # debug path: an unrolled Python loop, one layer at a time
+            for i in range(cfg.num_layers):
+                x, _ = body(x, jax.tree.map(lambda a, i=i: a[i], state))
+        return x

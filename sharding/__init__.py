@@ -1,0 +1,1 @@
+"""Meshes and the logical -> mesh axis rules. Knows nothing of Llama."""
