@@ -38,6 +38,8 @@ class LlamaConfig:
     remat: str = "full"  # none | full | dots | qkv_proj (see model/llama.py)
     attention: str = "auto"  # auto | xla | cudnn | splash
     scan_layers: bool = True
+    quant: object | None = None  # model.quant.QuantConfig: int8/int4 base weights
+    lora: object | None = None  # model.lora.LoraConfig: adapters on selected dense layers
     bos_token_id: int = 128000
     eos_token_ids: tuple[int, ...] = (128001,)
 

@@ -41,8 +41,9 @@ class Dense(nnx.Module):
     weight keeps the path `…/kernel` with or without them.
     """
 
-    def __init__(self, eq: str, in_shape, out_shape, axes, *, cfg: LlamaConfig, rngs: nnx.Rngs,
+    def __init__(self, name: str, eq: str, in_shape, out_shape, axes, *, cfg: LlamaConfig, rngs: nnx.Rngs,
                  layers: int | None = None):
+        self.name = name  # q, k, v, o, gate, up, down or lm_head: what LoRA/quant targets select
         self.eq = eq
         self.in_shape, self.out_shape = tuple(in_shape), tuple(out_shape)
         self.compute_dtype = jnp.dtype(cfg.compute_dtype)

@@ -30,10 +30,10 @@ class Attention(nnx.Module):
     def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs, layers: int | None = None):
         D, N, K, H = cfg.dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         kw = dict(cfg=cfg, rngs=rngs, layers=layers)
-        self.q = Dense("BTD,DNH->BTNH", (D,), (N, H), ("embed", "heads", "head_dim"), **kw)
-        self.k = Dense("BTD,DKH->BTKH", (D,), (K, H), ("embed", "kv_heads", "head_dim"), **kw)
-        self.v = Dense("BTD,DKH->BTKH", (D,), (K, H), ("embed", "kv_heads", "head_dim"), **kw)
-        self.o = Dense("BTNH,NHD->BTD", (N, H), (D,), ("heads", "head_dim", "embed"), **kw)
+        self.q = Dense("q", "BTD,DNH->BTNH", (D,), (N, H), ("embed", "heads", "head_dim"), **kw)
+        self.k = Dense("k", "BTD,DKH->BTKH", (D,), (K, H), ("embed", "kv_heads", "head_dim"), **kw)
+        self.v = Dense("v", "BTD,DKH->BTKH", (D,), (K, H), ("embed", "kv_heads", "head_dim"), **kw)
+        self.o = Dense("o", "BTNH,NHD->BTD", (N, H), (D,), ("heads", "head_dim", "embed"), **kw)
         self.impl = choose(cfg.attention)
 
     def __call__(self, x_BTD, positions_BT, segments_BT, inv_freq, packed: bool):
@@ -50,9 +50,9 @@ class MLP(nnx.Module):
     def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs, layers: int | None = None):
         D, F = cfg.dim, cfg.mlp_dim
         kw = dict(cfg=cfg, rngs=rngs, layers=layers)
-        self.gate = Dense("BTD,DF->BTF", (D,), (F,), ("embed", "mlp"), **kw)
-        self.up = Dense("BTD,DF->BTF", (D,), (F,), ("embed", "mlp"), **kw)
-        self.down = Dense("BTF,FD->BTD", (F,), (D,), ("mlp", "embed"), **kw)
+        self.gate = Dense("gate", "BTD,DF->BTF", (D,), (F,), ("embed", "mlp"), **kw)
+        self.up = Dense("up", "BTD,DF->BTF", (D,), (F,), ("embed", "mlp"), **kw)
+        self.down = Dense("down", "BTF,FD->BTD", (F,), (D,), ("mlp", "embed"), **kw)
 
     def __call__(self, x_BTD):
         h = jax.nn.silu(name(self.gate(x_BTD), "mlp_in")) * name(self.up(x_BTD), "mlp_in")
@@ -81,7 +81,7 @@ class Llama(nnx.Module):
         self.layers = Block(cfg, rngs=rngs, layers=cfg.num_layers)
         self.norm = RMSNorm(cfg.dim, cfg=cfg)
         if not cfg.tie_embeddings:
-            self.lm_head = Dense("BTD,DV->BTV", (cfg.dim,), (cfg.vocab_size,), ("embed", "vocab"), cfg=cfg, rngs=rngs)
+            self.lm_head = Dense("lm_head", "BTD,DV->BTV", (cfg.dim,), (cfg.vocab_size,), ("embed", "vocab"), cfg=cfg, rngs=rngs)
 
     def __call__(self, tokens_BT, positions_BT=None, segments_BT=None) -> jax.Array:
         """Float32 logits [B, T, V]. Without positions, rows are single documents from position 0;
