@@ -177,9 +177,11 @@ PRESETS: dict[str, LlamaConfig] = {
     "llama3.1-8b": LlamaConfig(dim=4096, mlp_dim=14336, num_layers=32, num_heads=32, **_LLAMA31),
     "llama3.1-70b": LlamaConfig(dim=8192, mlp_dim=28672, num_layers=80, num_heads=64, **_LLAMA31),
     "llama3.1-405b": LlamaConfig(dim=16384, mlp_dim=53248, num_layers=126, num_heads=128, **_LLAMA31),
-    # Small enough to train in a minute on a laptop CPU; uses the real Llama 3 vocabulary.
+    # Small enough to train in a minute on a laptop CPU, with the byte-level tokenizer
+    # (model/tokenizer.py ByteTokenizer: 256 bytes + Llama 3's 256 special tokens).
     "toy": LlamaConfig(
-        vocab_size=128256, dim=64, mlp_dim=192, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
-        max_seq_len=2048, param_dtype="float32", compute_dtype="float32",
+        vocab_size=512, dim=128, mlp_dim=384, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32,
+        max_seq_len=2048, param_dtype="float32", compute_dtype="float32", bos_token_id=256,
+        eos_token_ids=(257,),
     ),
 }

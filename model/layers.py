@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from model import lora, quant
 from model.config import LlamaConfig
 
 # Logical names are metadata only: shardings are derived from them explicitly (sharding/rules.py).
@@ -50,9 +51,24 @@ class Dense(nnx.Module):
         std = 1.0 / math.sqrt(math.prod(in_shape))
         self.kernel = param(rngs, nnx.initializers.normal(std), (*in_shape, *out_shape), axes,
                             jnp.dtype(cfg.param_dtype), layers)
+        self.quant = quant.for_layer(cfg.quant, name, eq, self.in_shape, self.out_shape)
+        if self.quant is not None:  # integer kernel under the same path, plus its scales
+            self.kernel, self.scale = quant.quantize_param(self.kernel, self.quant, self.in_shape, self.out_shape)
+        self.has_lora = cfg.lora is not None and name in cfg.lora.targets
+        if self.has_lora:
+            n = len(self.in_shape)
+            lora.add_adapters(self, cfg.lora, self.in_shape, self.out_shape, axes[:n], axes[n:], layers, rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return jnp.einsum(self.eq, x.astype(self.compute_dtype), self.kernel[...].astype(self.compute_dtype))
+        x = x.astype(self.compute_dtype)
+        if self.quant is not None:
+            y = quant.matmul(x, self.kernel[...], self.scale[...], self.quant, self.in_shape, self.out_shape,
+                             self.compute_dtype)
+        else:
+            y = jnp.einsum(self.eq, x, self.kernel[...].astype(self.compute_dtype))
+        if self.has_lora:
+            y = y + lora.delta(self, x, self.eq)
+        return y
 
 
 class RMSNorm(nnx.Module):

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name as name
 
+from model import lora
 from model.attention import attend, choose
 from model.config import LlamaConfig
 from model.layers import Dense, Embed, RMSNorm, apply_rope, rope_frequencies
@@ -102,16 +103,20 @@ class Llama(nnx.Module):
         cfg = self.config
         inv_freq = rope_frequencies(cfg)
         graphdef, state = nnx.split(self.layers)
+        key = lora.current_dropout_key()  # set by a training step when adapters use dropout
+        keys = None if key is None else jax.random.split(key, cfg.num_layers)
 
-        def body(x, layer_state):
-            return nnx.merge(graphdef, layer_state)(x, positions, segments, inv_freq, packed), None
+        def body(x, xs):
+            layer_state, layer_key = xs
+            with lora.dropout_key(layer_key):
+                return nnx.merge(graphdef, layer_state)(x, positions, segments, inv_freq, packed), None
 
         policy = REMAT_POLICIES[cfg.remat]
         if cfg.remat != "none":
             body = jax.checkpoint(body, policy=policy, prevent_cse=not cfg.scan_layers)
         if cfg.scan_layers:
-            x, _ = jax.lax.scan(body, x, state)
+            x, _ = jax.lax.scan(body, x, (state, keys))
         else:  # debug path: an unrolled Python loop, one layer at a time
             for i in range(cfg.num_layers):
-                x, _ = body(x, jax.tree.map(lambda a, i=i: a[i], state))
+                x, _ = body(x, jax.tree.map(lambda a, i=i: a[i], (state, keys)))
         return x

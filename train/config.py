@@ -1,0 +1,76 @@
+"""The training job's config: one frozen dataclass per concern. YAML in configs/ only sets values."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from model import settings
+from model.lora import LoraConfig
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    preset: str = "toy"  # a preset name (see model/config.py), used when no checkpoint is given
+    checkpoint: str | None = None  # HF safetensors directory or Orbax checkpoint; overrides preset
+    dtype: str = "bfloat16"  # base weights and compute
+    quant: str | None = None  # None | int8 | int4: frozen quantized base (QLoRA)
+    remat: str = "full"  # none | full | dots | attn_proj
+    attention: str = "auto"
+    num_layers: int | None = None  # reduced-depth variants of a preset (compile checks)
+    vocab_size: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    train: str = "toy"  # JSONL path, or "toy": the bundled generated task (train/toy_data.py)
+    eval: str | None = "toy"
+    tokenizer: str | None = None  # tokenizer.json / tokenizer.model / "bytes"; default: the checkpoint's
+    seq_len: int = 128
+    batch_size: int = 16  # global rows per step (before gradient accumulation)
+    grad_accum: int = 1
+    seed: int = 0
+    overlong: str = "truncate"  # truncate | drop
+    max_bad_fraction: float = 0.01
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    learning_rate: float = 3e-3
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1  # cosine decays to learning_rate * min_lr_ratio
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    clip_norm: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = 50  # steps
+    keep: int = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    model: ModelSpec = ModelSpec()
+    lora: LoraConfig = LoraConfig()
+    data: DataConfig = DataConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    mesh: str = "fsdp=-1"  # axis=size pairs; see sharding/mesh.py
+    topology: str | None = None  # compile for this TPU topology (e.g. v6e-16) with --compile-only
+    steps: int = 100
+    log_every: int = 5
+    eval_every: int = 25
+    eval_batches: int = 4
+    output_dir: str = "runs/toy"
+    seed: int = 0
+    profile_steps: tuple[int, ...] = ()  # (first, last): write a profiler trace of these steps
+
+
+def load_config(path: str | None, overrides: list[str] = ()) -> TrainConfig:
+    return settings.load(TrainConfig, path, overrides, search_dir=CONFIG_DIR)
