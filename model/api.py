@@ -99,6 +99,16 @@ def init(cfg: LlamaConfig, *, seed: int = 0, mesh: Mesh | None = None) -> Model:
     return Model(graphdef, state, cfg, mesh)
 
 
+def init_adapters(cfg: LlamaConfig, state: nnx.State, mesh: Mesh, seed: int = 0) -> None:
+    """Fills the LoRA adapters of a loaded `state` with fresh values (A random, B zero), in their shardings."""
+    def create():  # XLA drops the unused base-weight initialisers
+        return nnx.state(Llama(cfg, rngs=nnx.Rngs(seed)), nnx.LoRAParam)
+
+    fresh = jax.jit(create, out_shardings=state_shardings(state.filter(nnx.LoRAParam), mesh))()
+    for path, v in fresh.flat_state():
+        _get(state, path).set_value(v.get_value())
+
+
 def _get(tree, path):
     for k in path:
         tree = tree[k]
@@ -145,6 +155,8 @@ def load(path: str | Path, *, dtype: str = "bfloat16", quant: str | None = None,
             layer = _device_put(entry.to_ours(ckpt.read(name)).astype(target), layer_sharding)
             stacked = _set_layer(stacked, layer, i)
         var.set_value(stacked)
+    if cfg.lora is not None:
+        init_adapters(cfg, state, mesh)
     log.info("loaded %s (%d parameters) onto a %s mesh", path, cfg.num_params(), dict(mesh.shape))
     return Model(graphdef, state, cfg, mesh)
 

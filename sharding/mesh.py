@@ -54,3 +54,20 @@ def make_mesh(spec: str | dict | None = None, devices=None) -> Mesh:
 
 def single_device_mesh() -> Mesh:
     return make_mesh({}, devices=jax.devices()[:1])
+
+
+def maybe_initialize_distributed() -> None:
+    """Multi-host start-up: on a TPU VM slice (auto-detected by JAX) or with an explicit coordinator
+    in JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID (e.g. GPU nodes, CPU tests)."""
+    import os
+
+    if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        if os.environ.get("JAX_PLATFORMS", "") == "cpu":
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(
+            coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
+            num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+            process_id=int(os.environ["JAX_PROCESS_ID"]),
+        )
+    elif os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0:
+        jax.distributed.initialize()

@@ -156,13 +156,15 @@ def pack(docs: list[Document], order: np.ndarray, seq_len: int) -> dict[str, np.
 class Batches:
     """Deterministic, resumable stream of global batches; yields this host's rows only."""
 
-    def __init__(self, docs, *, seq_len: int, batch_size: int, seed: int, process_index: int = 0,
+    def __init__(self, docs, *, seq_len: int, batch_size: int, seed: int, accum: int = 1, process_index: int = 0,
                  process_count: int = 1, shuffle: bool = True):
-        if batch_size % process_count:
-            raise DataError(f"data.batch_size={batch_size} must be divisible by the {process_count} hosts")
+        if batch_size % (accum * process_count):
+            raise DataError(f"data.batch_size={batch_size} must be divisible by grad_accum={accum} × "
+                            f"{process_count} host(s)")
         self.docs, self.seq_len, self.batch_size, self.seed, self.shuffle = docs, seq_len, batch_size, seed, shuffle
-        self.lo = process_index * batch_size // process_count
-        self.hi = (process_index + 1) * batch_size // process_count
+        self.accum = accum
+        micro = batch_size // accum  # each micro-batch is split across hosts
+        self.lo, self.hi = process_index * micro // process_count, (process_index + 1) * micro // process_count
         self.epoch, self.index = 0, 0
         self._rows = None
 
@@ -194,4 +196,8 @@ class Batches:
             rows = self._epoch_rows()
         start = self.index * self.batch_size
         self.index += 1
-        return {k: v[start + self.lo:start + self.hi] for k, v in rows.items()}
+        out = {}
+        for k, v in rows.items():
+            b = v[start:start + self.batch_size].reshape(self.accum, -1, self.seq_len)[:, self.lo:self.hi]
+            out[k] = b[0] if self.accum == 1 else b
+        return out

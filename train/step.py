@@ -1,0 +1,147 @@
+"""The training step: LoRA (only adapters differentiated and optimised) or full fine-tuning.
+
+`make_step` returns a jitted step that donates its state; `lower_step` lowers the same step from
+abstract shapes for any mesh (a TPU topology compiled ahead of time included), which is what
+`--compile-only` and `python -m sharding.plan --compile` compile.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from model import lora
+from model.api import abstract_model, state_shardings
+from model.config import LlamaConfig
+from sharding.rules import named_sharding, use_mesh
+from train.config import OptimizerConfig
+
+BATCH_KEYS = ("inputs", "targets", "weights", "segments", "positions")
+
+
+def optimizer(cfg: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
+    decay = max(total_steps - cfg.warmup_steps, 1)
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, cfg.learning_rate, max(cfg.warmup_steps, 1), cfg.warmup_steps + decay,
+        end_value=cfg.learning_rate * cfg.min_lr_ratio)
+    return optax.chain(
+        optax.clip_by_global_norm(cfg.clip_norm),
+        optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay),
+    ), schedule
+
+
+def trainable_filter(cfg: LlamaConfig):
+    return nnx.LoRAParam if cfg.lora is not None else nnx.Param
+
+
+def split_trainable(cfg: LlamaConfig, state: nnx.State) -> tuple[nnx.State, nnx.State]:
+    """(trainable, frozen): adapters and the base with LoRA; everything and nothing without."""
+    trainable, frozen = nnx.split_state(state, trainable_filter(cfg), ...)
+    return trainable, frozen
+
+
+def batch_shardings(mesh: Mesh, batch: int, seq: int, accum: int = 1) -> dict:
+    names = ("batch", "length") if accum == 1 else (None, "batch", "length")
+    shape = (batch, seq) if accum == 1 else (accum, batch // accum, seq)
+    return {k: named_sharding(names, mesh, shape, what=f"batch[{k!r}]") for k in BATCH_KEYS}
+
+
+def loss_and_count(graphdef, trainable, frozen, batch, key):
+    module = nnx.merge(graphdef, trainable, frozen)
+    with lora.dropout_key(key):
+        logits = module(batch["inputs"], batch["positions"], batch["segments"])
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+    w = batch["weights"]
+    return (ce * w).sum(), w.sum()
+
+
+def make_step_fn(graphdef, cfg: LlamaConfig, tx: optax.GradientTransformation, mesh: Mesh, accum: int,
+                 dropout: bool):
+    """step(train_state, frozen, batch) -> (train_state, metrics). With accum > 1 the batch arrays
+    are [accum, rows, T] and gradients are summed over micro-batches before one update."""
+    grad_fn = jax.value_and_grad(loss_and_count, argnums=1, has_aux=True)
+
+    def step(state, frozen, batch):
+        with use_mesh(mesh):
+            params, step_no = state["params"], state["step"]
+            key = jax.random.fold_in(state["rng"], step_no) if dropout else None
+
+            def micro(carry, mb):
+                g_sum, l_sum, n_sum, i = carry
+                k = None if key is None else jax.random.fold_in(key, i)
+                (loss, n), g = grad_fn(graphdef, params, frozen, mb, k)
+                return (jax.tree.map(jnp.add, g_sum, g), l_sum + loss, n_sum + n, i + 1), None
+
+            zeros = jax.tree.map(jnp.zeros_like, params)
+            if accum == 1:
+                (grads, loss, count, _), _ = micro((zeros, 0.0, 0.0, 0), batch)
+            else:
+                (grads, loss, count, _), _ = jax.lax.scan(micro, (zeros, 0.0, 0.0, 0), batch)
+            count = jnp.maximum(count, 1.0)
+            grads = jax.tree.map(lambda g: g / count, grads)
+            grad_norm = optax.global_norm(grads)
+            updates, opt_state = tx.update(grads, state["opt"], params)
+            params = optax.apply_updates(params, updates)
+            new = dict(state, params=params, opt=opt_state, step=step_no + 1)
+            return new, {"loss": loss / count, "grad_norm": grad_norm, "tokens": count}
+
+    return step
+
+
+def eval_fn(graphdef, mesh):
+    def evaluate(params, frozen, batch):
+        with use_mesh(mesh):
+            loss, n = loss_and_count(graphdef, params, frozen, batch, None)
+        return loss, n
+    return jax.jit(evaluate)
+
+
+def init_train_state(params: nnx.State, tx, seed: int) -> dict:
+    return {"params": params, "opt": tx.init(params), "step": jnp.zeros((), jnp.int32),
+            "rng": jax.random.key_data(jax.random.key(seed))}
+
+
+def train_state_shardings(tx, abstract_state: dict, params_sharding, mesh: Mesh) -> dict:
+    """Optimizer moments shard like their parameters; counters and the rng are replicated."""
+    replicated = NamedSharding(mesh, P())
+    like_params = jax.tree.map(lambda v, s: v.replace(value=s), abstract_state["params"], params_sharding,
+                               is_leaf=lambda x: isinstance(x, nnx.Variable))
+    opt = optax.tree_map_params(tx, lambda _, s: s, abstract_state["opt"], like_params,
+                                transform_non_params=lambda _: replicated)
+    return {"params": params_sharding, "opt": opt, "step": replicated, "rng": replicated}
+
+
+def lower_step(cfg: LlamaConfig, *, mesh: Mesh, batch: int, seq: int, optimizer_cfg: OptimizerConfig | None = None,
+               accum: int = 1) -> jax.stages.Lowered:
+    """Lowers the real training step for `mesh` from abstract shapes only (no weights anywhere)."""
+    tx, _ = optimizer(optimizer_cfg or OptimizerConfig(), 1000)
+    graphdef, abstract = abstract_model(cfg)
+    trainable, frozen = split_trainable(cfg, abstract)
+    t_sh, f_sh = state_shardings(trainable, mesh), state_shardings(frozen, mesh)
+    abstract_state = jax.eval_shape(lambda p: init_train_state(p, tx, 0), trainable)
+    s_sh = train_state_shardings(tx, abstract_state, t_sh, mesh)
+    b_sh = batch_shardings(mesh, batch, seq, accum)
+    shape = (batch, seq) if accum == 1 else (accum, batch // accum, seq)
+    dtypes = dict(inputs=jnp.int32, targets=jnp.int32, weights=jnp.float32, segments=jnp.int32, positions=jnp.int32)
+    batch_abs = {k: jax.ShapeDtypeStruct(shape, dtypes[k], sharding=b_sh[k]) for k in BATCH_KEYS}
+
+    def with_sharding(tree, shardings):
+        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+    step = make_step_fn(graphdef, cfg, tx, mesh, accum, dropout=cfg.lora is not None and cfg.lora.dropout > 0)
+    jitted = jax.jit(step, donate_argnums=0, out_shardings=(s_sh, None))
+    return jitted.lower(with_sharding(abstract_state, s_sh), with_sharding(frozen, f_sh), batch_abs)
+
+
+def model_flops_per_token(cfg: LlamaConfig, seq: int, lora_only: bool) -> float:
+    """Matmul FLOPs per trained token: forward 2N, activation gradients 2N, weight gradients 2N
+    (only for trained weights: skipped for a frozen LoRA base); attention scores causal over `seq`."""
+    D, L = cfg.dim, cfg.num_layers
+    dense = cfg.num_params() - cfg.vocab_size * D * (0 if cfg.tie_embeddings else 1) - (2 * L + 1) * D
+    attn = 2 * 2 * L * cfg.num_heads * cfg.head_dim * seq / 2  # QK^T and PV, causal half
+    fwd = 2 * dense + attn
+    return fwd * (2 if lora_only else 3)
+
