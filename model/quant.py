@@ -1,0 +1,306 @@
+"""Weight-only quantization: int8 per output channel, int4 per group of input rows; no dequantized copies.
+
+A quantized `Dense` (model/layers.py) keeps its integer weight under the same path `…/kernel` (same
+shape as the float kernel, [*in, *out], dtype int8 or int4) plus `…/scale`:
+
+  int8 (group_size 0): scale [*out]              y = (x · q) ⊙ s                 (scale on the output)
+  int4 (group_size g): scale [I/g, *out]          y = Σ_groups (x_g · q_g) ⊙ s_g   (contract per group)
+
+where I = prod(in dims) is the contraction dimension, split into (groups, group_size) in row-major order
+(for `o`, whose input dims are (N, H), groups run over the flattened N·H). Values are symmetric
+round-to-nearest: q = round(w / s), s = absmax / qmax with qmax 127 (int8) or 7 (int4), and s rounded to
+its storage dtype *before* q is computed, so a bf16 scale costs no accuracy. int4 arrays are stored
+packed, two per byte, by XLA on TPU, GPU and CPU.
+
+The matmul keeps the integer weight as the dot operand (`x · q.astype(bf16)`): on TPU the convert fuses
+into the dot and the one-shot form has no temporaries. On backends that materialise the convert (CPU;
+GPU is treated the same way, not measured) and for int4 with many tokens (where per-group partial
+sums [tokens, groups, out] would outgrow the weight) the contraction runs as a loop over row chunks,
+sized so that each step's temporaries stay under `QuantConfig.chunk_bytes`: temporaries are bounded by
+a constant, not by the weight size (tests/test_quant.py checks this with `memory_analysis()`).
+
+Parameter shardings: the kernel keeps its logical axes; the scale carries the logical names of the
+dims it indexes (the group dim takes the name of the first input dim: `embed` for q/k/v/gate/up,
+`heads` for o, `mlp` for down), so scales shard with their weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import TYPE_CHECKING
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+
+if TYPE_CHECKING:  # model.config does not import this module; keep it that way (no cycle)
+    from jax.sharding import Mesh
+
+    from model.config import LlamaConfig
+
+TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # the default: every block projection
+QUANTIZABLE = (*TARGETS, "lm_head")  # the LM head only when asked for; the embedding stays float
+BITS = {8: jnp.int8, 4: jnp.int4}
+QMAX = {8: 127, 4: 7}
+SCALE_DTYPES = ("bfloat16", "float32", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantConfig:
+    """bits 8 or 4. group_size: rows of the contraction dim per scale; 0 = one scale per output channel;
+    None = the default for the width (0 for int8, 128 for int4). chunk_bytes bounds the matmul's
+    temporaries per loop step (see module docstring)."""
+
+    bits: int = 8
+    group_size: int | None = None
+    targets: tuple[str, ...] = TARGETS
+    scale_dtype: str = "bfloat16"
+    chunk_bytes: int = 32 << 20
+
+    def __post_init__(self):
+        object.__setattr__(self, "targets", tuple(self.targets))
+        if self.bits not in BITS:
+            raise ValueError(f"quant.bits={self.bits!r} is not supported for layers {', '.join(self.targets)}: "
+                             f"expected 8 (int8) or 4 (int4)")
+        if self.group_size is None:
+            object.__setattr__(self, "group_size", 128 if self.bits == 4 else 0)
+        if not isinstance(self.group_size, int) or self.group_size < 0:
+            raise ValueError(f"quant.group_size={self.group_size!r}: expected a positive number of rows, "
+                             f"or 0 for one scale per output channel")
+        bad = [t for t in self.targets if t not in QUANTIZABLE]
+        if bad:
+            raise ValueError(f"quant.targets: unknown layer {bad[0]!r}; quantizable: {', '.join(QUANTIZABLE)}")
+        if self.scale_dtype not in SCALE_DTYPES:
+            raise ValueError(f"quant.scale_dtype={self.scale_dtype!r}: expected one of {', '.join(SCALE_DTYPES)}")
+        if self.chunk_bytes < 1:
+            raise ValueError(f"quant.chunk_bytes must be positive, got {self.chunk_bytes}")
+
+    @property
+    def dtype(self):
+        return BITS[self.bits]
+
+    @property
+    def name(self) -> str:
+        return f"int{self.bits}" + (f"-g{self.group_size}" if self.group_size else "")
+
+
+def parse(quant) -> QuantConfig | None:
+    """None, "int8", "int4", "int4-g64" (group size), "int8-g128" or a QuantConfig."""
+    if quant is None or isinstance(quant, QuantConfig):
+        return quant
+    if isinstance(quant, str):
+        kind, sep, group = quant.lower().partition("-g")
+        if kind in ("int8", "int4") and (not sep or group.isdigit()):
+            return QuantConfig(bits=int(kind[3:]), group_size=int(group) if sep else None)
+    raise ValueError(f"quant={quant!r}: expected 'int8', 'int4', 'int4-g<group size>' or a QuantConfig")
+
+
+# ---------------------------------------------------------------------------------------------
+# Layer set-up (called by model.layers.Dense)
+
+def for_layer(quant, name: str, eq: str, in_shape, out_shape) -> QuantConfig | None:
+    """The QuantConfig that applies to dense layer `name`, or None; refuses shapes it cannot quantize."""
+    qc = parse(quant)
+    if qc is None or name not in qc.targets:
+        return None
+    ins, out = eq.replace(" ", "").split("->")
+    x_sub, w_sub = ins.split(",")
+    n_in = len(in_shape)
+    in_sub, out_sub = w_sub[:n_in], w_sub[n_in:]
+    if len(w_sub) != n_in + len(out_shape) or not x_sub.endswith(in_sub) or out != x_sub[:-n_in] + out_sub:
+        raise ValueError(f"layer {name!r}: einsum {eq!r} is not `…in, in out -> …out`; cannot quantize it")
+    I = math.prod(in_shape)
+    if qc.group_size and I % qc.group_size:
+        dims = "·".join(f"{c}={d}" for c, d in zip(in_sub, in_shape))
+        raise ValueError(f"layer {name!r}: int{qc.bits} group_size {qc.group_size} does not divide the contraction "
+                         f"dimension {dims} ({I} rows); choose a group size that divides {I}")
+    return qc
+
+
+def scale_shape(qc: QuantConfig, in_shape, out_shape) -> tuple[int, ...]:
+    if qc.group_size:
+        return (math.prod(in_shape) // qc.group_size, *out_shape)
+    return tuple(out_shape)
+
+
+def scale_axes(qc: QuantConfig, kernel_axes, n_lead: int, n_in: int) -> tuple:
+    lead, ins, outs = kernel_axes[:n_lead], kernel_axes[n_lead:n_lead + n_in], kernel_axes[n_lead + n_in:]
+    return (*lead, ins[0], *outs) if qc.group_size else (*lead, *outs)
+
+
+def quantize(w: jax.Array, qc: QuantConfig, in_shape, out_shape) -> tuple[jax.Array, jax.Array]:
+    """w [*lead, *in, *out] (any float dtype; leading dims such as `layers` allowed) -> (q, scale).
+
+    q has w's shape and dtype int8/int4; scale is [*lead, *out] or [*lead, groups, *out]."""
+    n_in, n_out = len(in_shape), len(out_shape)
+    lead = w.shape[:w.ndim - n_in - n_out]
+    I, O = math.prod(in_shape), math.prod(out_shape)
+    gs = qc.group_size or I
+    wf = jnp.asarray(w).astype(jnp.float32).reshape(*lead, I // gs, gs, O)
+    absmax = jnp.max(jnp.abs(wf), axis=-2)  # [*lead, G, O]
+    s = (absmax / QMAX[qc.bits]).astype(qc.scale_dtype).astype(jnp.float32)
+    s = jnp.where(s > 0, s, 1.0)  # an all-zero column: any scale will do
+    q = jnp.clip(jnp.round(wf / s[..., None, :]), -QMAX[qc.bits], QMAX[qc.bits]).astype(qc.dtype)
+    s = s.astype(qc.scale_dtype)
+    q = q.reshape(w.shape)
+    s = s.reshape(*lead, *scale_shape(qc, in_shape, out_shape))
+    return q, s
+
+
+def dequantize(q: jax.Array, s: jax.Array, qc: QuantConfig, in_shape, out_shape) -> jax.Array:
+    """float32 weight [*lead, *in, *out]: for tests and error metrics only, never in the forward pass."""
+    n_in, n_out = len(in_shape), len(out_shape)
+    lead = q.shape[:q.ndim - n_in - n_out]
+    I, O = math.prod(in_shape), math.prod(out_shape)
+    gs = qc.group_size or I
+    w = q.astype(jnp.float32).reshape(*lead, I // gs, gs, O) * s.astype(jnp.float32).reshape(*lead, I // gs, 1, O)
+    return w.reshape(q.shape)
+
+
+def quantize_param(kernel: nnx.Param, qc: QuantConfig, in_shape, out_shape) -> tuple[nnx.Param, nnx.Param]:
+    """A float kernel Param -> (integer kernel Param, scale Param), both with logical axes."""
+    axes = tuple(kernel.get_metadata().get("out_sharding"))
+    n_lead = kernel.ndim - len(in_shape) - len(out_shape)
+    q, s = quantize(kernel[...], qc, in_shape, out_shape)
+    return (nnx.Param(q, out_sharding=axes),
+            nnx.Param(s, out_sharding=scale_axes(qc, axes, n_lead, len(in_shape))))
+
+
+# ---------------------------------------------------------------------------------------------
+# The matmul
+
+def _platform() -> str:
+    from sharding.rules import active_mesh  # the mesh being compiled for (may be an AOT TPU topology)
+
+    mesh = active_mesh()
+    if mesh is not None and mesh.devices.size:
+        return mesh.devices.flat[0].platform
+    return jax.default_backend()
+
+
+def plan(qc: QuantConfig, tokens: int, I: int, O: int, compute_dtype, platform: str) -> tuple[str, int]:
+    """(mode, rows per step) for a [tokens, I] x [I, O] quantized matmul.
+
+    modes: "channel" (one scale per output column, applied to the output), "grouped" (contract each
+    group, then apply its scales: temporaries [tokens, groups, O]) and "dequant" (scale a chunk of
+    rows of the integer weight, then contract it: temporaries [rows, O]), chosen by which has the
+    smaller temporaries per row: "grouped" while tokens <= group_size / 2 (decoding), else "dequant".
+    """
+    gs = qc.group_size or I
+    cbytes = jnp.dtype(compute_dtype).itemsize
+    convert = 0 if platform == "tpu" else cbytes  # TPU fuses the int->float convert into the dot
+    if gs == I:
+        mode = "channel"
+    else:
+        mode = "grouped" if 2 * tokens * 4 <= gs * cbytes else "dequant"
+
+    def temp(rows):  # bytes of temporaries of one loop step of `rows` rows
+        if mode == "channel":
+            return rows * O * convert
+        if mode == "dequant":
+            return rows * O * cbytes
+        return rows * O * convert + tokens * max(rows // gs, 1) * O * 4
+
+    if temp(I) <= qc.chunk_bytes:
+        return mode, I
+    # rows per step: whole groups, or a divisor of one group; the largest that fits the budget
+    cands = [d for d in _divisors(I) if (d % gs == 0 or gs % d == 0)]
+    fits = [d for d in cands if temp(d) <= qc.chunk_bytes]
+    return mode, max(fits) if fits else min(cands)
+
+
+def _divisors(n: int) -> list[int]:
+    small = [d for d in range(1, int(math.isqrt(n)) + 1) if n % d == 0]
+    return sorted(set(small + [n // d for d in small]))
+
+
+def matmul(x: jax.Array, q: jax.Array, s: jax.Array, qc: QuantConfig, in_shape, out_shape,
+           compute_dtype) -> jax.Array:
+    """`einsum("…i,io->…o")` of x [*prefix, *in] with the quantized kernel (q [*in, *out], s) -> [*prefix, *out]
+    in compute_dtype, accumulated in float32."""
+    n_in = len(in_shape)
+    prefix = x.shape[:x.ndim - n_in]
+    I, O = math.prod(in_shape), math.prod(out_shape)
+    gs = qc.group_size or I
+    G = I // gs
+    cdt = jnp.dtype(compute_dtype)
+    x2 = x.astype(cdt).reshape(*prefix, I)
+    q2 = q.reshape(I, O)
+    s2 = s.reshape(G, O)
+    mode, rows = plan(qc, math.prod(prefix), I, O, cdt, _platform())
+    f32 = jnp.float32
+
+    def chunk(k, x2, q2, s2):
+        """Rows [k·rows, (k+1)·rows) of the contraction, with static slices; float32 [*prefix, O]."""
+        lo, hi = k * rows, (k + 1) * rows
+        xc, qk = x2[..., lo:hi], q2[lo:hi]
+        sc = s2[lo // gs:max(hi // gs, lo // gs + 1)].astype(f32)  # the scales of these rows' groups
+        if mode == "channel":
+            return jnp.einsum("...i,io->...o", xc, qk.astype(cdt), preferred_element_type=f32)
+        if mode == "dequant":
+            c = sc.shape[0]
+            w = (qk.reshape(c, rows // c, O).astype(cdt) * sc[:, None, :].astype(cdt)).reshape(rows, O)
+            return jnp.einsum("...i,io->...o", xc, w, preferred_element_type=f32)
+        if rows < gs:  # part of one group
+            return jnp.einsum("...i,io->...o", xc, qk.astype(cdt), preferred_element_type=f32) * sc[0]
+        c = rows // gs
+        z = jnp.einsum("...gi,gio->...go", xc.reshape(*prefix, c, gs), qk.reshape(c, gs, O).astype(cdt),
+                       preferred_element_type=f32)
+        return jnp.einsum("...go,go->...o", z, sc)
+
+    if rows == I:
+        y = chunk(0, x2, q2, s2)
+    else:
+        # A loop over row chunks. Each step picks its chunk with `switch` over static slices rather
+        # than a dynamic slice: XLA:CPU cannot dynamic-slice packed int4 and would first unpack the
+        # whole weight to int8 (a temporary as large as the weight).
+        branches = [functools.partial(chunk, k) for k in range(I // rows)]
+        y = jax.lax.fori_loop(0, I // rows, lambda i, acc: acc + jax.lax.switch(i, branches, x2, q2, s2),
+                              jnp.zeros((*prefix, O), f32))
+    if mode == "channel":
+        y = y * s2[0].astype(f32)
+    return y.astype(cdt).reshape(*prefix, *out_shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bytes (exact, per parameter, scales included): for the memory planner (sharding/plan.py)
+
+def dtype_bits(dtype) -> int:
+    dtype = np.dtype(dtype)
+    if dtype in (np.dtype(ml_dtypes.int4), np.dtype(ml_dtypes.uint4)):
+        return 4
+    return dtype.itemsize * 8
+
+
+def array_bytes(shape, dtype) -> int:
+    """Bytes of an array as stored on device: int4 packed two per byte (rounded up to whole bytes)."""
+    return -(-math.prod(shape) * dtype_bits(dtype) // 8)
+
+
+def weight_bytes(cfg: LlamaConfig, mesh: Mesh | None = None, rules=None) -> dict[str, int]:
+    """Exact bytes of every parameter ("layers/attn/q/kernel", "layers/attn/q/scale", …) of `cfg`
+    (quantized when cfg.quant is set): global bytes, or with `mesh` the bytes of one device's shard
+    under the logical rules (the largest shard when a dimension splits unevenly)."""
+    from model.api import abstract_model, state_shardings  # import here: model.api imports this module
+    from sharding.rules import RULES
+
+    _, abstract = abstract_model(cfg)
+    shardings = state_shardings(abstract, mesh, rules or RULES) if mesh is not None else None
+    out = {}
+    for path, v in nnx.to_flat_state(abstract):
+        key = "/".join(str(k) for k in path)
+        shape = v.shape
+        if shardings is not None:
+            shape = _get(shardings, path).shard_shape(v.shape)
+        out[key] = array_bytes(shape, v.dtype)
+    return out
+
+
+def _get(tree, path):
+    for k in path:
+        tree = tree[k]
+    return tree.get_value() if isinstance(tree, nnx.Variable) else tree
