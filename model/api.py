@@ -132,6 +132,9 @@ def load(path: str | Path, *, dtype: str = "bfloat16", quant: str | None = None,
     Tensors are read one at a time; a layer-stacked parameter is filled layer by layer in place, so
     host memory holds at most one HF tensor and no device ever holds an unsharded array.
     """
+    from model import checkpoint  # an Orbax checkpoint (python -m convert, model.checkpoint.save)?
+    if checkpoint.is_checkpoint(path):
+        return checkpoint.load(path, dtype=dtype, quant=quant, mesh=mesh, **config_overrides)
     if quant is not None:
         raise NotImplementedError("quantized loading arrives with model/quant.py")
     path = Path(path)
