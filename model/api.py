@@ -13,6 +13,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from model import hf_format
+from model import quant as quantization
 from model.config import LlamaConfig
 from model.llama import Llama
 from model.safetensors_io import CheckpointError, HFCheckpoint
@@ -125,19 +126,22 @@ def _set_layer(stacked, layer, i):
     return jax.lax.dynamic_update_index_in_dim(stacked, layer, i, 0)
 
 
-def load(path: str | Path, *, dtype: str = "bfloat16", quant: str | None = None, mesh: Mesh | None = None,
+def load(path: str | Path, *, dtype: str = "bfloat16", quant=None, mesh: Mesh | None = None,
          **config_overrides) -> Model:
     """Loads a Hugging Face checkpoint directory into `mesh` (one device when None).
 
     Tensors are read one at a time; a layer-stacked parameter is filled layer by layer in place, so
     host memory holds at most one HF tensor and no device ever holds an unsharded array.
+    `quant` ("int8", "int4", "int4-g64" or a model.quant.QuantConfig) quantizes the targeted dense
+    kernels tensor by tensor as they arrive (on device, in their shardings).
     """
     from model import checkpoint  # an Orbax checkpoint (python -m convert, model.checkpoint.save)?
     if checkpoint.is_checkpoint(path):
         return checkpoint.load(path, dtype=dtype, quant=quant, mesh=mesh, **config_overrides)
-    if quant is not None:
-        raise NotImplementedError("quantized loading arrives with model/quant.py")
     path = Path(path)
+    qc = quantization.parse(quant)
+    if qc is not None:
+        config_overrides["quant"] = qc
     cfg = LlamaConfig.from_hf(path, param_dtype=dtype, compute_dtype=dtype, **config_overrides)
     ckpt = HFCheckpoint(path)
     check_hf_tensors(ckpt, cfg)
@@ -149,6 +153,9 @@ def load(path: str | Path, *, dtype: str = "bfloat16", quant: str | None = None,
     for entry in hf_format.entries(cfg):
         var = _get(state, entry.path)
         sharding = _get(shardings, entry.path)
+        if entry.path[-1] == "kernel" and "scale" in _get(state, entry.path[:-1]):
+            _load_quantized(entry, ckpt, cfg, state, shardings, mesh)
+            continue
         if not entry.stacked:
             var.set_value(_device_put(entry.to_ours(ckpt.read(entry.hf)).astype(target), sharding))
             continue
@@ -162,6 +169,35 @@ def load(path: str | Path, *, dtype: str = "bfloat16", quant: str | None = None,
         init_adapters(cfg, state, mesh)
     log.info("loaded %s (%d parameters) onto a %s mesh", path, cfg.num_params(), dict(mesh.shape))
     return Model(graphdef, state, cfg, mesh)
+
+
+def _load_quantized(entry, ckpt, cfg, state, shardings, mesh) -> None:
+    """A quantized dense kernel: each HF tensor (one layer) is quantized on device, in its shardings,
+    as it arrives; no float copy of more than one layer's tensor ever exists."""
+    qc = quantization.parse(cfg.quant)
+    kvar, svar = _get(state, entry.path), _get(state, (*entry.path[:-1], "scale"))
+    ksh, ssh = _get(shardings, entry.path), _get(shardings, (*entry.path[:-1], "scale"))
+    lead = 1 if entry.stacked else 0
+    kshape, sshape = kvar.shape[lead:], svar.shape[lead:]
+    in_shape, out_shape = quantization.layer_dims(qc, kshape, sshape)
+
+    def layer_of(sh):
+        return NamedSharding(mesh, jax.sharding.PartitionSpec(*sh.spec[lead:]))
+
+    kl, sl = layer_of(ksh), layer_of(ssh)
+    quantize = jax.jit(lambda w: quantization.quantize(w, qc, in_shape, out_shape), out_shardings=(kl, sl))
+    if not entry.stacked:
+        q, s = quantize(_device_put(entry.to_ours(ckpt.read(entry.hf)), kl))
+        kvar.set_value(q)
+        svar.set_value(s)
+        return
+    qs = jax.jit(lambda: jnp.zeros(kvar.shape, kvar.dtype), out_shardings=ksh)()
+    ss = jax.jit(lambda: jnp.zeros(svar.shape, svar.dtype), out_shardings=ssh)()
+    for i, name in enumerate(entry.hf_names(cfg)):
+        q, s = quantize(_device_put(entry.to_ours(ckpt.read(name)), kl))
+        qs, ss = _set_layer(qs, q, i), _set_layer(ss, s, i)
+    kvar.set_value(qs)
+    svar.set_value(ss)
 
 
 def check_hf_tensors(ckpt: HFCheckpoint, cfg: LlamaConfig) -> None:

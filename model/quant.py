@@ -170,6 +170,46 @@ def quantize_param(kernel: nnx.Param, qc: QuantConfig, in_shape, out_shape) -> t
             nnx.Param(s, out_sharding=scale_axes(qc, axes, n_lead, len(in_shape))))
 
 
+def layer_dims(qc: QuantConfig, kernel_shape, scale_shape) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(in_shape, out_shape) of one layer's kernel, from its kernel and scale shapes (no `layers` axis)."""
+    n_out = len(scale_shape) - (1 if qc.group_size else 0)
+    k = len(kernel_shape) - n_out
+    return tuple(kernel_shape[:k]), tuple(kernel_shape[k:])
+
+
+def quantize_state(state: nnx.State, cfg: LlamaConfig, quant) -> tuple[LlamaConfig, nnx.State]:
+    """A float model's state (in memory) -> (config with quant, quantized state). Everything but the
+    targeted kernels is kept as it is. For models that fit in memory; `model.load(path, quant=…)`
+    streams a checkpoint instead."""
+    from model.api import abstract_model  # model.api imports this module
+
+    qc = parse(quant)
+    qcfg = cfg.replace(quant=qc)
+    _, target = abstract_model(qcfg)
+    src = dict(nnx.to_flat_state(state))
+    for path, var in nnx.to_flat_state(target):
+        if path[-1] == "scale" and path[:-1] + ("kernel",) in src and (path[:-1] + ("scale",)) not in src:
+            continue  # filled with its kernel below
+        w = src[path]
+        w = w.get_value() if isinstance(w, nnx.Variable) else w
+        if path[-1] == "kernel" and jnp.issubdtype(var.dtype, jnp.integer):
+            svar = _get_var(target, path[:-1] + ("scale",))
+            n_lead = 1 if (var.get_metadata().get("out_sharding") or (None,))[0] == "layers" else 0
+            in_shape, out_shape = layer_dims(qc, var.shape[n_lead:], svar.shape[n_lead:])
+            q, sc = jax.jit(lambda w: quantize(w, qc, in_shape, out_shape))(w)
+            var.set_value(q)
+            svar.set_value(sc)
+        else:
+            var.set_value(w)
+    return qcfg, target
+
+
+def _get_var(state, path):
+    for k in path:
+        state = state[k]
+    return state
+
+
 # ---------------------------------------------------------------------------------------------
 # The matmul
 
@@ -231,14 +271,13 @@ def matmul(x: jax.Array, q: jax.Array, s: jax.Array, qc: QuantConfig, in_shape, 
     x2 = x.astype(cdt).reshape(*prefix, I)
     q2 = q.reshape(I, O)
     s2 = s.reshape(G, O)
-    mode, rows = plan(qc, math.prod(prefix), I, O, cdt, _platform())
+    platform = _platform()
+    mode, rows = plan(qc, math.prod(prefix), I, O, cdt, platform)
     f32 = jnp.float32
 
-    def chunk(k, x2, q2, s2):
-        """Rows [k·rows, (k+1)·rows) of the contraction, with static slices; float32 [*prefix, O]."""
-        lo, hi = k * rows, (k + 1) * rows
-        xc, qk = x2[..., lo:hi], q2[lo:hi]
-        sc = s2[lo // gs:max(hi // gs, lo // gs + 1)].astype(f32)  # the scales of these rows' groups
+    def chunk(xc, qk, sc):
+        """xc [*prefix, r], qk [r, O] (r = rows), sc [groups of these rows, O] -> float32 [*prefix, O]."""
+        sc = sc.astype(f32)
         if mode == "channel":
             return jnp.einsum("...i,io->...o", xc, qk.astype(cdt), preferred_element_type=f32)
         if mode == "dequant":
@@ -252,15 +291,27 @@ def matmul(x: jax.Array, q: jax.Array, s: jax.Array, qc: QuantConfig, in_shape, 
                        preferred_element_type=f32)
         return jnp.einsum("...go,go->...o", z, sc)
 
-    if rows == I:
-        y = chunk(0, x2, q2, s2)
-    else:
-        # A loop over row chunks. Each step picks its chunk with `switch` over static slices rather
-        # than a dynamic slice: XLA:CPU cannot dynamic-slice packed int4 and would first unpack the
-        # whole weight to int8 (a temporary as large as the weight).
-        branches = [functools.partial(chunk, k) for k in range(I // rows)]
-        y = jax.lax.fori_loop(0, I // rows, lambda i, acc: acc + jax.lax.switch(i, branches, x2, q2, s2),
+    steps, groups = I // rows, max(rows // gs, 1)  # groups of scales per step
+    if steps == 1:
+        y = chunk(x2, q2, s2)
+    elif platform == "cpu":
+        # XLA:CPU cannot dynamic-slice packed int4: it would first unpack the whole weight to int8 (a
+        # temporary as large as the weight). Each step picks its chunk by `switch` over static slices.
+        def static(k, x2, q2, s2):
+            lo, hi = k * rows, (k + 1) * rows
+            return chunk(x2[..., lo:hi], q2[lo:hi], s2[lo // gs:lo // gs + groups])
+
+        branches = [functools.partial(static, k) for k in range(steps)]
+        y = jax.lax.fori_loop(0, steps, lambda i, acc: acc + jax.lax.switch(i, branches, x2, q2, s2),
                               jnp.zeros((*prefix, O), f32))
+    else:
+        def body(i, acc):
+            xc = jax.lax.dynamic_slice_in_dim(x2, i * rows, rows, axis=x2.ndim - 1)
+            qk = jax.lax.dynamic_slice_in_dim(q2, i * rows, rows, axis=0)
+            sc = jax.lax.dynamic_slice_in_dim(s2, (i * rows) // gs, groups, axis=0)
+            return acc + chunk(xc, qk, sc)
+
+        y = jax.lax.fori_loop(0, steps, body, jnp.zeros((*prefix, O), f32))
     if mode == "channel":
         y = y * s2[0].astype(f32)
     return y.astype(cdt).reshape(*prefix, *out_shape)
