@@ -25,7 +25,7 @@ def main(argv=None) -> int:
     from train.config import load_config
 
     try:
-        cfg = load_config(args.config or "toy_cpu", args.overrides)
+        cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

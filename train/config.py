@@ -63,7 +63,8 @@ class TrainConfig:
     checkpoint: CheckpointConfig = CheckpointConfig()
     mesh: str = "fsdp=-1"  # axis=size pairs; see sharding/mesh.py
     topology: str | None = None  # compile for this TPU topology (e.g. v6e-16) with --compile-only
-    steps: int = 100
+    steps: int = 100  # total; the learning-rate schedule spans these
+    stop_after: int | None = None  # end this run at this step (checkpointed; rerun to continue)
     log_every: int = 5
     eval_every: int = 25
     eval_batches: int = 4
@@ -73,4 +74,5 @@ class TrainConfig:
 
 
 def load_config(path: str | None, overrides: list[str] = ()) -> TrainConfig:
-    return settings.load(TrainConfig, path, overrides, search_dir=CONFIG_DIR)
+    """`path` None is the embedded default, configs/toy_cpu.yaml."""
+    return settings.load(TrainConfig, path or "toy_cpu", overrides, search_dir=CONFIG_DIR)

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import orbax.checkpoint as ocp
 from tqdm import tqdm
 
 import model
 from model.api import state_shardings
 from model.tokenizer import load_tokenizer
 from sharding.mesh import make_mesh
+from train import checkpoints
 from train import data as data_lib
 from train.config import TrainConfig
 from train.step import (batch_shardings, eval_fn, init_train_state, make_step_fn, model_flops_per_token, optimizer,
@@ -111,23 +111,16 @@ def run(cfg: TrainConfig) -> dict:
     log.info("model: %s parameters, %s trainable (%s)", f"{mcfg.num_params():,}", f"{n_train:,}",
              "LoRA adapters" if mcfg.lora else "all")
 
-    manager = ocp.CheckpointManager(
-        (out / "checkpoints").absolute(),
-        options=ocp.CheckpointManagerOptions(max_to_keep=cfg.checkpoint.keep, enable_async_checkpointing=True),
-    )
+    manager = checkpoints.manager(out / "checkpoints", cfg.checkpoint.keep)
     start = 0
     if manager.latest_step() is not None:
         start = manager.latest_step()
-        abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state, s_sh)
-        restored = manager.restore(start, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
-        state = restored["state"]
-        batches.restore(restored["data"])
+        state, data_state = checkpoints.restore(manager, start, abstract_state, s_sh)
+        batches.restore(data_state)
         log.info("resumed from %s at step %d", out / "checkpoints", start)
 
     def save(step):
-        manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                   data=ocp.args.JsonSave(batches.state())), force=True)
+        checkpoints.save(manager, step, state, batches.state())
 
     accum = d.grad_accum
     b_sh = batch_shardings(mesh, d.batch_size, d.seq_len, accum)
@@ -194,7 +187,8 @@ def run(cfg: TrainConfig) -> dict:
 
     profile = tuple(cfg.profile_steps)
     try:
-        for step in range(start + 1, cfg.steps + 1):
+        last = min(cfg.steps, cfg.stop_after or cfg.steps)
+        for step in range(start + 1, last + 1):
             if profile and step == profile[0]:
                 jax.profiler.start_trace(str(out / "profile"))
             batch = to_device(next(batches), b_sh, d.batch_size)
@@ -208,10 +202,10 @@ def run(cfg: TrainConfig) -> dict:
                 emit(*pending)
                 pending = None
             do_eval = eval_docs is not None and (step % cfg.eval_every == 0 or step == cfg.steps)
-            if step % cfg.log_every == 0 or step in (1, cfg.steps) or do_eval:
+            if step % cfg.log_every == 0 or step in (1, last) or do_eval:
                 pending = (step, mtr, run_eval(state["params"]) if do_eval else None)
             bar.update(1)
-            if step % cfg.checkpoint.every == 0 or step == cfg.steps or stop["signal"]:
+            if step % cfg.checkpoint.every == 0 or step == last or stop["signal"]:
                 if pending is not None:
                     emit(*pending)
                     pending = None
@@ -234,6 +228,9 @@ def run(cfg: TrainConfig) -> dict:
         for s, h in old_handlers.items():
             signal.signal(s, h)
 
+    if last < cfg.steps:
+        log.info("stopped at step %d of %d as configured (stop_after); rerun to continue", last, cfg.steps)
+        return result
     if mcfg.lora is not None and jax.process_index() == 0:
         export_adapter(state["params"], mcfg, out / "adapter", cfg)
     result["output_dir"] = str(out)

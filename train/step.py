@@ -82,7 +82,7 @@ def make_step_fn(graphdef, cfg: LlamaConfig, tx: optax.GradientTransformation, m
                 (grads, loss, count, _), _ = jax.lax.scan(micro, (zeros, 0.0, 0.0, 0), batch)
             count = jnp.maximum(count, 1.0)
             grads = jax.tree.map(lambda g: g / count, grads)
-            grad_norm = optax.global_norm(grads)
+            grad_norm = optax.tree.norm(grads)
             updates, opt_state = tx.update(grads, state["opt"], params)
             params = optax.apply_updates(params, updates)
             new = dict(state, params=params, opt=opt_state, step=step_no + 1)
@@ -111,7 +111,7 @@ def train_state_shardings(tx, abstract_state: dict, params_sharding, mesh: Mesh)
                                is_leaf=lambda x: isinstance(x, nnx.Variable))
     opt = optax.tree_map_params(tx, lambda _, s: s, abstract_state["opt"], like_params,
                                 transform_non_params=lambda _: replicated)
-    return {"params": params_sharding, "opt": opt, "step": replicated, "rng": replicated}
+    return {"params": like_params, "opt": opt, "step": replicated, "rng": replicated}
 
 
 def lower_step(cfg: LlamaConfig, *, mesh: Mesh, batch: int, seq: int, optimizer_cfg: OptimizerConfig | None = None,

@@ -1,0 +1,154 @@
+"""The training job: learning, exact resume (also after SIGTERM), LoRA invariants, data handling."""
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+import model
+from model.lora import LoraConfig
+from model.tokenizer import ByteTokenizer
+from train import data as data_lib
+from train.config import load_config
+from train.loop import run
+
+ROOT = Path(__file__).resolve().parent.parent
+FAST = ["data.seq_len=64", "data.batch_size=8", "eval_every=10", "data.eval=toy", "eval_batches=1",
+        "log_every=1", "checkpoint.every=10", "optimizer.warmup_steps=2"]
+
+
+def losses(out: Path) -> dict[int, float]:
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in recs}
+
+
+def test_default_job_learns(tmp_path):
+    res = run(load_config(None, FAST + ["steps=40", f"output_dir={tmp_path}", "eval_every=20"]))
+    recs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert recs[0]["step"] == 1 and recs[-1]["step"] == 40
+    assert recs[-1]["loss"] < 0.6 * recs[0]["loss"]
+    evals = [r["eval_loss"] for r in recs if "eval_loss" in r]
+    assert len(evals) == 2 and evals[1] < evals[0]
+    for key in ("learning_rate", "grad_norm", "tokens_per_s", "mfu"):
+        assert all(np.isfinite(r[key]) for r in recs)
+    assert list((tmp_path / "tensorboard").iterdir())
+    assert res["step"] == 40
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("straight")
+    run(load_config(None, FAST + ["steps=20", f"output_dir={out}", "lora.dropout=0.1"]))
+    return losses(out)
+
+
+def test_exact_resume(tmp_path, straight_run):
+    over = FAST + [f"output_dir={tmp_path}", "lora.dropout=0.1"]
+    run(load_config(None, over + ["steps=20", "stop_after=10"]))
+    assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [10]
+    run(load_config(None, over + ["steps=20"]))
+    resumed = losses(tmp_path)
+    assert [resumed[s] for s in range(11, 21)] == [straight_run[s] for s in range(11, 21)]  # bitwise
+
+
+def test_resume_after_sigterm(tmp_path, straight_run):
+    args = [sys.executable, "-m", "train", *FAST, "steps=20", f"output_dir={tmp_path}", "lora.dropout=0.1"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 4:
+            proc.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.05)
+    output, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0, output
+    assert "received SIGTERM" in output and "rerun the same command to resume" in output
+    stopped_at = max(losses(tmp_path))
+    assert stopped_at < 20
+    subprocess.run(args, cwd=ROOT, env=env, check=True, capture_output=True, timeout=240)
+    resumed = losses(tmp_path)
+    assert [resumed[s] for s in range(1, 21)] == [straight_run[s] for s in range(1, 21)]
+
+
+def test_lora_invariants(hf_checkpoint, tmp_path):
+    """Step 0 equals the base; training changes adapters only; optimizer state is adapter-sized."""
+    path, _ = hf_checkpoint(vocab=512, heads=4, kv_heads=2, head_dim=16)
+    digest = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in Path(path).iterdir()}
+    base = model.load(path, dtype="float32")
+    adapted = model.load(path, dtype="float32", lora=LoraConfig(rank=4, alpha=8))
+    tokens = np.arange(20, dtype=np.int32).reshape(2, 10)
+    np.testing.assert_array_equal(np.asarray(base(tokens)), np.asarray(adapted(tokens)))
+
+    cfg = load_config(None, FAST + ["steps=3", f"output_dir={tmp_path}", f"model.checkpoint={path}",
+                                    "model.dtype=float32", "data.tokenizer=bytes", "lora.rank=4"])
+    run(cfg)
+    from train.checkpoints import restore_latest  # noqa: F401  (restores the saved train state)
+    state = restore_latest(tmp_path / "checkpoints")
+    lora_leaves = jax.tree.leaves(nnx.to_pure_dict(adapted.state.filter(nnx.LoRAParam)))
+    shapes = {x.shape for x in lora_leaves}
+    assert {x.shape for x in jax.tree.leaves(state["opt"]) if x.ndim} <= shapes
+    assert sum(x.size for x in jax.tree.leaves(state["params"])) == sum(x.size for x in lora_leaves)
+    trained_b = state["params"]["layers"]["attn"]["q"]["lora_b"]
+    assert np.abs(np.asarray(trained_b)).max() > 0  # adapters moved
+    assert digest == {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in Path(path).iterdir()}
+
+
+def test_bad_records_reported_and_limit_enforced(tmp_path):
+    good = json.dumps({"text": "hello"})
+    lines = [good, "{not json", json.dumps({"text": ""}), json.dumps({"prompt": "a"}), good,
+             json.dumps({"messages": [{"role": "user", "content": "hi"}]}), good, good]
+    f = tmp_path / "d.jsonl"
+    f.write_text("\n".join(lines) + "\n")
+    with pytest.raises(data_lib.DataError) as e:
+        data_lib.read_documents(f, ByteTokenizer(), 64, "truncate", max_bad_fraction=0.1)
+    msg = str(e.value)
+    assert "4 skipped" in msg and "line 2: invalid JSON" in msg and "line 3: 'text' must be a non-empty string" in msg
+    assert "line 4: 'prompt' and 'completion' must both be strings" in msg and "line 6: no assistant turn" in msg
+    docs, report = data_lib.read_documents(f, ByteTokenizer(), 64, "truncate", max_bad_fraction=0.6)
+    assert len(docs) == 4 and len(report.bad) == 4
+
+
+def test_overlong_truncated_or_dropped(tmp_path):
+    f = tmp_path / "d.jsonl"
+    f.write_text(json.dumps({"text": "x" * 100}) + "\n" + json.dumps({"text": "short"}) + "\n")
+    docs, rep = data_lib.read_documents(f, ByteTokenizer(), 32, "truncate", 0.0)
+    assert rep.truncated == 1 and len(docs[0].tokens) == 33
+    docs, rep = data_lib.read_documents(f, ByteTokenizer(), 32, "drop", 0.0)
+    assert rep.dropped == 1 and len(docs) == 1
+
+
+def test_chat_and_completion_loss_masks():
+    tok = ByteTokenizer()
+    d = data_lib.tokenize_record({"messages": [{"role": "user", "content": "Q"},
+                                               {"role": "assistant", "content": "A"}]}, tok)
+    learned = bytes(int(t) for t, m in zip(d.tokens, d.loss_mask) if m and t < 256)
+    assert learned == b"A" and d.tokens[d.loss_mask][-1] == tok.eot_id
+    d = data_lib.tokenize_record({"prompt": "P", "completion": "C"}, tok)
+    assert [int(t) for t in d.tokens[d.loss_mask]] == [ord("C"), tok.special["<|end_of_text|>"]]
+
+
+def test_packing_segments_positions_and_host_shares():
+    tok = ByteTokenizer()
+    docs = [data_lib.tokenize_record({"text": "a" * n}, tok) for n in (5, 9, 3, 20, 7, 11, 4, 6)]
+    rows = data_lib.pack(docs, np.arange(len(docs)), 24)
+    for r in range(len(rows["inputs"])):
+        seg, pos = rows["segments"][r], rows["positions"][r]
+        for s in set(seg[seg > 0]):
+            assert (pos[seg == s] == np.arange((seg == s).sum())).all()  # each document from position 0
+        assert (rows["weights"][r][seg == 0] == 0).all()
+    one = data_lib.Batches(docs, seq_len=24, batch_size=4, seed=3, accum=2)
+    two = [data_lib.Batches(docs, seq_len=24, batch_size=4, seed=3, accum=2, process_index=i, process_count=2)
+           for i in range(2)]
+    a, b0, b1 = next(one), next(two[0]), next(two[1])
+    np.testing.assert_array_equal(a["inputs"], np.concatenate([b0["inputs"], b1["inputs"]], axis=1))
