@@ -1,12 +1,31 @@
-"""Device meshes with named axes: `data` (across slices/hosts), `fsdp`, `sequence`, `tensor`."""
+"""Device meshes with named axes, and multi-host start-up.
+
+Axes, outermost first:
+  data      data parallelism across slices / hosts (replicas; gradients all-reduced; over DCN)
+  fsdp      fully-sharded data parallelism (parameters, gradients and optimizer state sharded,
+            all-gathered one layer at a time)
+  sequence  context parallelism: activations split along the sequence (long sequences); parameters
+            are sharded over it too, like fsdp
+  tensor    tensor (model) parallelism: heads, MLP and vocab split; innermost, so it maps to the
+            fastest links (neighbouring chips on a TPU torus, NVLink within a GPU node)
+
+A spec names sizes: "fsdp=-1,tensor=4" (-1 fills the rest; missing axes are 1). Devices are
+`jax.devices()` (TPU, GPU or CPU; every process's devices in a multi-host job) or a TPU topology
+described by libtpu on a machine without one (sharding/topology.py), so the same code compiles for a
+pod it is not running on.
+"""
 
 from __future__ import annotations
 
+import logging
 import math
+import os
 
 import jax
 import numpy as np
 from jax.sharding import Mesh
+
+log = logging.getLogger(__name__)
 
 AXES = ("data", "fsdp", "sequence", "tensor")
 
@@ -32,42 +51,111 @@ def parse_spec(spec: str | dict | None) -> dict[str, int]:
             out[k] = int(v)
         except ValueError:
             raise ValueError(f"mesh spec {spec!r}: size of {k!r} must be an integer, got {v!r}") from None
+        if out[k] == 0 or out[k] < -1:
+            raise ValueError(f"mesh spec {spec!r}: size of {k!r} must be positive or -1, got {out[k]}")
     return out
 
 
-def make_mesh(spec: str | dict | None = None, devices=None) -> Mesh:
-    devices = list(jax.devices() if devices is None else devices)
+def axis_sizes(spec: str | dict | None, num_devices: int) -> dict[str, int]:
+    """All four axis sizes for `num_devices` devices, -1 resolved; errors say what does not divide."""
     sizes = parse_spec(spec)
     fill = [k for k, v in sizes.items() if v == -1]
     if len(fill) > 1:
         raise ValueError(f"mesh spec {spec!r}: only one axis may be -1")
     fixed = math.prod(v for v in sizes.values() if v != -1)
     if fill:
-        if len(devices) % fixed:
-            raise ValueError(f"mesh spec {spec!r}: {len(devices)} devices are not divisible by {fixed}")
-        sizes[fill[0]] = len(devices) // fixed
-    shape = tuple(sizes.get(a, 1) for a in AXES)
-    if math.prod(shape) != len(devices):
-        raise ValueError(f"mesh spec {spec!r} needs {math.prod(shape)} devices, there are {len(devices)}")
-    return Mesh(np.asarray(devices, dtype=object).reshape(shape), AXES)
+        if num_devices % fixed:
+            raise ValueError(f"mesh spec {spec!r}: {num_devices} devices are not divisible by {fixed} "
+                             f"(the product of the fixed axis sizes)")
+        sizes[fill[0]] = num_devices // fixed
+    out = {a: sizes.get(a, 1) for a in AXES}
+    if math.prod(out.values()) != num_devices:
+        raise ValueError(f"mesh spec {spec!r} needs {math.prod(out.values())} devices, there are {num_devices}")
+    return out
+
+
+def _num_slices(devices) -> int:
+    return len({getattr(d, "slice_index", 0) for d in devices})
+
+
+def _device_grid(shape: tuple[int, ...], devices: list):
+    """Devices arranged as `shape` (in AXES order). TPUs: by physical position, so the inner axes
+    (tensor, then sequence/fsdp) ride the fastest ICI links and, across slices, `data` spans the DCN.
+    Everything else (CPU, GPU, multi-process): in `jax.devices()` order, which is process-major, so
+    outer axes cross hosts and `tensor` stays within one."""
+    if devices[0].platform == "tpu" and len(devices) > 1:
+        from jax.experimental import mesh_utils
+
+        slices = _num_slices(devices)
+        try:
+            if slices > 1:
+                if shape[0] % slices:
+                    raise ValueError(f"mesh {dict(zip(AXES, shape))}: {slices} slices need the 'data' axis to be "
+                                     f"a multiple of {slices} (slices talk over the data-center network)")
+                ici = (shape[0] // slices, *shape[1:])
+                dcn = (slices, *(1,) * (len(shape) - 1))
+                return mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, allow_split_physical_axes=True)
+            return mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+        except (AssertionError, NotImplementedError) as e:  # unusual shapes: fall back to plain order
+            log.debug("physical mesh layout unavailable (%s); using device order", e)
+    return np.asarray(devices, dtype=object).reshape(shape)
+
+
+def make_mesh(spec: str | dict | None = None, devices=None) -> Mesh:
+    """A Mesh with axes AXES from a spec such as "fsdp=-1,tensor=4" over `devices` (default: all)."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = axis_sizes(spec, len(devices))
+    shape = tuple(sizes[a] for a in AXES)
+    return Mesh(_device_grid(shape, devices), AXES)
+
+
+def abstract_mesh(spec: str | dict | None, num_devices: int):
+    """A device-less mesh of the same shape (for analytic shard sizes where no devices exist, e.g. GPUs)."""
+    sizes = axis_sizes(spec, num_devices)
+    return jax.sharding.AbstractMesh(tuple(sizes[a] for a in AXES), AXES)
 
 
 def single_device_mesh() -> Mesh:
     return make_mesh({}, devices=jax.devices()[:1])
 
 
-def maybe_initialize_distributed() -> None:
-    """Multi-host start-up: on a TPU VM slice (auto-detected by JAX) or with an explicit coordinator
-    in JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID (e.g. GPU nodes, CPU tests)."""
-    import os
+def describe(mesh) -> str:
+    used = {a: n for a, n in mesh.shape.items() if n > 1} or {"fsdp": 1}
+    return " × ".join(f"{a}={n}" for a, n in used.items())
 
-    if os.environ.get("JAX_COORDINATOR_ADDRESS"):
-        if os.environ.get("JAX_PLATFORMS", "") == "cpu":
+
+def maybe_initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
+                                 process_id: int | None = None) -> bool:
+    """Multi-host start-up, before any other JAX call. Returns True when a multi-process runtime started.
+
+    - explicit arguments, or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID in the
+      environment (GPU nodes, CPU clusters, the two-process test): `host:port` of process 0;
+    - a multi-host Cloud TPU VM slice (TPU_WORKER_HOSTNAMES lists several workers, or MEGASCALE_*
+      for multi-slice): JAX finds the coordinator from the TPU metadata by itself;
+    - otherwise (one host) nothing is done.
+    CPU processes use gloo for cross-process collectives.
+    """
+    env = os.environ
+    coordinator_address = coordinator_address or env.get("JAX_COORDINATOR_ADDRESS")
+    if jax.distributed.is_initialized():
+        return True
+    if coordinator_address:
+        try:
+            n = int(num_processes if num_processes is not None else env["JAX_NUM_PROCESSES"])
+            i = int(process_id if process_id is not None else env["JAX_PROCESS_ID"])
+        except KeyError as e:
+            raise ValueError(f"JAX_COORDINATOR_ADDRESS={coordinator_address!r} is set but {e.args[0]} is not "
+                             f"(set JAX_NUM_PROCESSES and JAX_PROCESS_ID on every process)") from None
+        if not 0 <= i < n:
+            raise ValueError(f"JAX_PROCESS_ID={i} must be in [0, {n}) (JAX_NUM_PROCESSES={n})")
+        if "cpu" in env.get("JAX_PLATFORMS", "").split(","):
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(
-            coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
-            num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
-            process_id=int(os.environ["JAX_PROCESS_ID"]),
-        )
-    elif os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0:
+        jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=n, process_id=i)
+        log.info("process %d of %d (coordinator %s): %d local devices, %d in all", i, n, coordinator_address,
+                 jax.local_device_count(), jax.device_count())
+        return True
+    if env.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0 or env.get("MEGASCALE_COORDINATOR_ADDRESS"):
         jax.distributed.initialize()
+        log.info("TPU process %d of %d", jax.process_index(), jax.process_count())
+        return True
+    return False

@@ -2,6 +2,16 @@
 
 Model code names its dimensions (`embed`, `heads`, `batch`, ...); this module decides where they
 live on a mesh. Changing the parallelism strategy is an edit to `RULES` (or a `rules=` argument).
+
+Parameters: `embed` is split over fsdp (and sequence), `heads`/`kv_heads`/`mlp`/`vocab` over tensor,
+so every large weight is sharded over the whole mesh and FSDP all-gathers one layer at a time.
+Activations: `batch` over data x fsdp, `length` over sequence, heads/mlp/vocab over tensor.
+Serving uses the same table (`SERVE_RULES`): a KV cache [layers, batch, cache_length, kv_heads,
+head_dim] splits its batch over data x fsdp, its length over sequence and its heads over tensor.
+
+Sharded creation and restoration: `abstract_arrays` pairs abstract shapes with their shardings
+(what `jax.jit(...).lower` and Orbax restore take), `create_sharded` runs an initializer straight
+into its shardings, so no process ever holds an unsharded copy of a large array.
 """
 
 from __future__ import annotations
@@ -20,7 +30,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("batch", ("data", "fsdp")),
     ("length", ("sequence",)),
-    ("cache_length", ()),
+    ("cache_length", ("sequence",)),
     ("layers", ()),
     ("vocab", ("tensor",)),
     ("embed", ("fsdp", "sequence")),
@@ -31,6 +41,14 @@ RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("lora_rank", ()),
     ("groups", ()),
 )
+
+
+SERVE_RULES = RULES  # one table: serving needs nothing different (see the module docstring)
+
+
+def rules_for(mode: str):
+    """The rules table for a job: "serve" or a training mode ("lora", "qlora", "full")."""
+    return SERVE_RULES if mode == "serve" else RULES
 
 
 def _lookup(rules, name):
@@ -71,6 +89,45 @@ def logical_to_spec(names: Sequence[str | None], mesh: Mesh, shape: Sequence[int
 
 def named_sharding(names, mesh: Mesh, shape=None, rules=RULES, what="array") -> NamedSharding:
     return NamedSharding(mesh, logical_to_spec(names, mesh, shape, rules, what))
+
+
+def shard_shape(names, shape, mesh, rules=RULES, what="array") -> tuple[int, ...]:
+    """Shape of one device's shard; `mesh` may be a jax.sharding.AbstractMesh (no devices needed)."""
+    spec = logical_to_spec(names, mesh, shape, rules, what)
+    out = []
+    for dim, axes in zip(shape, (*spec, *(None,) * (len(shape) - len(spec)))):
+        axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
+        out.append(-(-dim // math.prod(mesh.shape[a] for a in axes)))
+    return tuple(out)
+
+
+def abstract_arrays(abstract_tree, shardings):
+    """ShapeDtypeStructs carrying their shardings: the arguments of an ahead-of-time `lower`, or the
+    target of an Orbax restore that reads each shard straight onto its device. Works on plain trees
+    and on nnx.State trees (Variables keep their metadata)."""
+    def is_var(x):
+        return hasattr(x, "get_metadata") and hasattr(x, "replace")
+
+    def one(x, s):
+        s = s.get_value() if is_var(s) else s
+        sds = jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+        return x.replace(value=sds) if is_var(x) else sds
+
+    return jax.tree.map(one, abstract_tree, shardings, is_leaf=is_var)
+
+
+def create_sharded(init_fn, shardings, *args):
+    """Runs `init_fn(*args)` compiled with `out_shardings`: each device computes only its own shards."""
+    return jax.jit(init_fn, out_shardings=shardings)(*args)
+
+
+def restore_sharded(path, abstract_tree, shardings):
+    """Restores an Orbax (StandardSave) checkpoint at `path` straight into `shardings`: every process
+    reads only the shards its devices hold."""
+    import orbax.checkpoint as ocp
+
+    with ocp.StandardCheckpointer() as ckptr:
+        return ckptr.restore(path, abstract_arrays(abstract_tree, shardings))
 
 
 def tree_shardings(abstract_tree, axes_tree, mesh: Mesh, rules=RULES):

@@ -16,7 +16,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from model import lora
 from model.api import abstract_model, state_shardings
 from model.config import LlamaConfig
-from sharding.rules import named_sharding, use_mesh
+from sharding.rules import abstract_arrays, named_sharding, use_mesh
 from train.config import OptimizerConfig
 
 BATCH_KEYS = ("inputs", "targets", "weights", "segments", "positions")
@@ -128,12 +128,9 @@ def lower_step(cfg: LlamaConfig, *, mesh: Mesh, batch: int, seq: int, optimizer_
     dtypes = dict(inputs=jnp.int32, targets=jnp.int32, weights=jnp.float32, segments=jnp.int32, positions=jnp.int32)
     batch_abs = {k: jax.ShapeDtypeStruct(shape, dtypes[k], sharding=b_sh[k]) for k in BATCH_KEYS}
 
-    def with_sharding(tree, shardings):
-        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
-
     step = make_step_fn(graphdef, cfg, tx, mesh, accum, dropout=cfg.lora is not None and cfg.lora.dropout > 0)
     jitted = jax.jit(step, donate_argnums=0, out_shardings=(s_sh, None))
-    return jitted.lower(with_sharding(abstract_state, s_sh), with_sharding(frozen, f_sh), batch_abs)
+    return jitted.lower(abstract_arrays(abstract_state, s_sh), abstract_arrays(frozen, f_sh), batch_abs)
 
 
 def model_flops_per_token(cfg: LlamaConfig, seq: int, lora_only: bool) -> float:
