@@ -12,6 +12,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 import model
@@ -231,8 +232,11 @@ def run(cfg: TrainConfig) -> dict:
     if last < cfg.steps:
         log.info("stopped at step %d of %d as configured (stop_after); rerun to continue", last, cfg.steps)
         return result
-    if mcfg.lora is not None and jax.process_index() == 0:
-        export_adapter(state["params"], mcfg, out / "adapter", cfg)
+    if mcfg.lora is not None:
+        # Every process takes part in the gather (a collective); the first one writes the files.
+        adapters = multihost_utils.process_allgather(state["params"], tiled=True)
+        if jax.process_index() == 0:
+            export_adapter(adapters, mcfg, out / "adapter", cfg)
     result["output_dir"] = str(out)
     return result
 
