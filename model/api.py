@@ -34,10 +34,15 @@ def logical_axes(state: nnx.State):
 
 
 def state_shardings(state: nnx.State, mesh: Mesh, rules=RULES) -> nnx.State:
-    """NamedSharding for every parameter of `state` (abstract or concrete), from its logical names."""
+    """NamedSharding for every parameter of `state` (abstract or concrete), from its logical names.
+
+    A weight dimension that its mesh axes do not divide is an error; a quantization scale's group
+    dimension (1/group_size of the weight's) is instead left replicated when it does not divide.
+    """
     def one(path, v):
         names = v.get_metadata().get("out_sharding") or (None,) * v.ndim
-        return named_sharding(names, mesh, v.shape, rules, what="/".join(str(getattr(k, "key", k)) for k in path))
+        where = "/".join(str(getattr(k, "key", k)) for k in path)
+        return named_sharding(names, mesh, v.shape, rules, what=where, strict=not where.endswith("/scale"))
     return jax.tree_util.tree_map_with_path(one, state, is_leaf=is_variable)
 
 

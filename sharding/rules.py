@@ -38,10 +38,14 @@ RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("kv_heads", ("tensor",)),
     ("head_dim", ()),
     ("mlp", ("tensor",)),
-    ("lora_rank", ()),
+    ("lora_rank", ("fsdp", "sequence")),  # best effort (see BEST_EFFORT): adapters and their Adam state
     ("groups", ()),
 )
 
+
+# Logical axes whose mesh axes are used only as far as they divide the dimension (the longest prefix
+# that does), instead of being an error: a LoRA rank of 8 on fsdp=16 stays replicated.
+BEST_EFFORT = frozenset({"lora_rank"})
 
 SERVE_RULES = RULES  # one table: serving needs nothing different (see the module docstring)
 
@@ -73,6 +77,9 @@ def logical_to_spec(names: Sequence[str | None], mesh: Mesh, shape: Sequence[int
             for ax in _lookup(rules, name):
                 if ax in mesh.shape and mesh.shape[ax] > 1 and ax not in used:
                     axes.append(ax)
+        if shape is not None and axes and name in BEST_EFFORT:
+            while axes and shape[i] % math.prod(mesh.shape[a] for a in axes):
+                axes.pop()
         if shape is not None and axes:
             size = math.prod(mesh.shape[a] for a in axes)
             if shape[i] % size and not strict:
@@ -87,8 +94,8 @@ def logical_to_spec(names: Sequence[str | None], mesh: Mesh, shape: Sequence[int
     return P(*spec)
 
 
-def named_sharding(names, mesh: Mesh, shape=None, rules=RULES, what="array") -> NamedSharding:
-    return NamedSharding(mesh, logical_to_spec(names, mesh, shape, rules, what))
+def named_sharding(names, mesh: Mesh, shape=None, rules=RULES, what="array", strict: bool = True) -> NamedSharding:
+    return NamedSharding(mesh, logical_to_spec(names, mesh, shape, rules, what, strict))
 
 
 def shard_shape(names, shape, mesh, rules=RULES, what="array") -> tuple[int, ...]:

@@ -152,3 +152,18 @@ def test_packing_segments_positions_and_host_shares():
            for i in range(2)]
     a, b0, b1 = next(one), next(two[0]), next(two[1])
     np.testing.assert_array_equal(a["inputs"], np.concatenate([b0["inputs"], b1["inputs"]], axis=1))
+
+
+def test_qlora_int4_base_trains(tmp_path):
+    from train.checkpoints import restore_latest
+    from train.loop import build_model
+    from sharding.mesh import make_mesh
+
+    cfg = load_config(None, FAST + ["steps=25", f"output_dir={tmp_path}", "model.quant=int4", "eval_every=25"])
+    m = build_model(cfg, make_mesh(cfg.mesh))
+    assert m.state["layers"]["mlp"]["up"]["kernel"][...].dtype == jax.numpy.int4
+    run(cfg)
+    loss = losses(tmp_path)
+    assert loss[25] < 0.6 * loss[1]
+    assert "kernel" not in json.dumps(jax.tree_util.tree_map(lambda x: 0, restore_latest(tmp_path / "checkpoints")))
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()

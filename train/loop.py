@@ -16,7 +16,8 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 import model
-from model.api import state_shardings
+from model import quant
+from model.api import abstract_model, state_shardings
 from model.tokenizer import load_tokenizer
 from sharding.mesh import make_mesh
 from train import checkpoints
@@ -47,21 +48,22 @@ def peak_flops(device) -> float:
     return 3 * 2 * 2048 ** 3 / (time.perf_counter() - t0)
 
 
-def build_model(cfg: TrainConfig, mesh):
+def build_model(cfg: TrainConfig, mesh) -> model.Model:
+    """The base model on the mesh, with fresh adapters: from a checkpoint (quantized while loading
+    for QLoRA), or a randomly initialised preset (quantized after init for QLoRA)."""
     spec = cfg.model
     overrides = dict(lora=cfg.lora, remat=spec.remat, attention=spec.attention)
     if spec.checkpoint:
-        m = model.load(spec.checkpoint, dtype=spec.dtype, quant=spec.quant, mesh=mesh, **overrides)
-    else:
-        extra = {k: v for k, v in (("num_layers", spec.num_layers), ("vocab_size", spec.vocab_size)) if v}
-        mcfg = model.LlamaConfig.preset(spec.preset, param_dtype=spec.dtype if spec.preset != "toy" else "float32",
-                                        compute_dtype=spec.dtype if spec.preset != "toy" else "float32",
-                                        **overrides, **extra)
-        if spec.quant:
-            from model import quant
-            mcfg = mcfg.replace(quant=quant.QuantConfig.parse(spec.quant))
-        m = model.init(mcfg, seed=cfg.seed, mesh=mesh)
-    return m
+        return model.load(spec.checkpoint, dtype=spec.dtype, quant=spec.quant, mesh=mesh, **overrides)
+    extra = {k: v for k, v in (("num_layers", spec.num_layers), ("vocab_size", spec.vocab_size)) if v}
+    mcfg = model.LlamaConfig.preset(spec.preset, param_dtype=spec.dtype, compute_dtype=spec.dtype, **overrides, **extra)
+    m = model.init(mcfg, seed=cfg.seed, mesh=mesh)
+    if not spec.quant:
+        return m
+    qcfg, qstate = quant.quantize_state(m.state, mcfg, spec.quant)
+    graphdef, _ = abstract_model(qcfg)
+    qstate = jax.jit(lambda s: s, out_shardings=state_shardings(qstate, mesh))(qstate)
+    return model.Model(graphdef, qstate, qcfg, mesh)
 
 
 def tokenizer_for(cfg: TrainConfig):
