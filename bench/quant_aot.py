@@ -39,9 +39,11 @@ def tpu_devices(topology: str = "v6e:2x2"):
 
 
 def compare(quant_name: str = "int4", layers: int = 2, topology: str = "v6e:2x2", mesh_spec: str = "tensor=4",
-            batch: int = 4, length: int = 16) -> dict:
+            batch: int = 4, length: int = 16, vocab: int | None = None) -> dict:
     qc = None if quant_name == "bf16" else quant.parse(quant_name)
     cfg = LlamaConfig.preset("llama3.1-405b", num_layers=layers, quant=qc)
+    if vocab:
+        cfg = cfg.replace(vocab_size=vocab)
     mesh = make_mesh(mesh_spec, devices=tpu_devices(topology))
     graphdef, abstract = abstract_model(cfg)
     shardings = state_shardings(abstract, mesh)
@@ -62,6 +64,7 @@ def compare(quant_name: str = "int4", layers: int = 2, topology: str = "v6e:2x2"
     token_bytes = tokens.sharding.shard_shape(tokens.shape)[0] * tokens.sharding.shard_shape(tokens.shape)[1] * 4
     compiled_args = mem.argument_size_in_bytes - token_bytes
     return dict(bench="quant_aot", quant=qc.name if qc else "bf16", model="llama3.1-405b-width", layers=layers,
+                vocab=cfg.vocab_size,
                 topology=topology, mesh=mesh_spec, analytic_bytes_per_device=analytic,
                 compiled_argument_bytes_per_device=compiled_args, ratio=compiled_args / analytic,
                 temp_bytes_per_device=mem.temp_size_in_bytes, compile_seconds=round(seconds, 1))

@@ -223,34 +223,41 @@ def _platform() -> str:
 
 
 def plan(qc: QuantConfig, tokens: int, I: int, O: int, compute_dtype, platform: str) -> tuple[str, int]:
-    """(mode, rows per step) for a [tokens, I] x [I, O] quantized matmul.
+    """(mode, steps) for a [tokens, I] x [I, O] quantized matmul.
 
     modes: "channel" (one scale per output column, applied to the output), "grouped" (contract each
-    group, then apply its scales: temporaries [tokens, groups, O]) and "dequant" (scale a chunk of
-    rows of the integer weight, then contract it: temporaries [rows, O]), chosen by which has the
-    smaller temporaries per row: "grouped" while tokens <= group_size / 2 (decoding), else "dequant".
+    group, then apply its scales: temporaries [tokens, groups, O]) and "dequant" (scale the integer
+    rows, then contract them: temporaries [rows, O]), chosen by which has the smaller temporaries per
+    row: "grouped" while tokens <= group_size / 2 (decoding), else "dequant". `steps` > 1 runs the
+    contraction as a loop whose steps each take I / steps rows, the fewest steps whose temporaries
+    fit `chunk_bytes`.
     """
     gs = qc.group_size or I
     cbytes = jnp.dtype(compute_dtype).itemsize
     convert = 0 if platform == "tpu" else cbytes  # TPU fuses the int->float convert into the dot
     if gs == I:
-        mode = "channel"
+        mode, unit = "channel", channel_unit(I)
     else:
-        mode = "grouped" if 2 * tokens * 4 <= gs * cbytes else "dequant"
+        mode, unit = ("grouped" if 2 * tokens * 4 <= gs * cbytes else "dequant"), gs
 
-    def temp(rows):  # bytes of temporaries of one loop step of `rows` rows
+    def temp(rows):  # bytes of temporaries of one step of `rows` rows
         if mode == "channel":
             return rows * O * convert
         if mode == "dequant":
             return rows * O * cbytes
-        return rows * O * convert + tokens * max(rows // gs, 1) * O * 4
+        return rows * O * convert + tokens * (rows // gs) * O * 4
 
-    if temp(I) <= qc.chunk_bytes:
-        return mode, I
-    # rows per step: whole groups, or a divisor of one group; the largest that fits the budget
-    cands = [d for d in _divisors(I) if (d % gs == 0 or gs % d == 0)]
-    fits = [d for d in cands if temp(d) <= qc.chunk_bytes]
-    return mode, max(fits) if fits else min(cands)
+    units = I // unit
+    for steps in _divisors(units):
+        if temp(I // steps) <= qc.chunk_bytes:
+            return mode, steps
+    return mode, units
+
+
+def channel_unit(I: int) -> int:
+    """Rows that a per-channel loop keeps together (contiguous blocks: strided single rows make
+    XLA:CPU copy the whole weight): the largest divisor of I up to 128."""
+    return max(d for d in _divisors(I) if d <= 128)
 
 
 def _divisors(n: int) -> list[int]:
@@ -261,59 +268,57 @@ def _divisors(n: int) -> list[int]:
 def matmul(x: jax.Array, q: jax.Array, s: jax.Array, qc: QuantConfig, in_shape, out_shape,
            compute_dtype) -> jax.Array:
     """`einsum("…i,io->…o")` of x [*prefix, *in] with the quantized kernel (q [*in, *out], s) -> [*prefix, *out]
-    in compute_dtype, accumulated in float32."""
+    in compute_dtype, accumulated in float32.
+
+    With a loop (see `plan`), step k takes the rows (or groups) k, k + steps, k + 2·steps, …: the
+    contraction dim is viewed as [A, steps, unit] and each step slices the middle axis. The leading
+    axis A keeps the sharding of the input dim (FSDP `embed`, or `heads`/`mlp` under tensor
+    parallelism), so no step needs another device's rows and no weight is all-gathered for the loop.
+    """
     n_in = len(in_shape)
     prefix = x.shape[:x.ndim - n_in]
     I, O = math.prod(in_shape), math.prod(out_shape)
     gs = qc.group_size or I
-    G = I // gs
-    cdt = jnp.dtype(compute_dtype)
-    x2 = x.astype(cdt).reshape(*prefix, I)
-    q2 = q.reshape(I, O)
-    s2 = s.reshape(G, O)
+    cdt, f32 = jnp.dtype(compute_dtype), jnp.float32
     platform = _platform()
-    mode, rows = plan(qc, math.prod(prefix), I, O, cdt, platform)
-    f32 = jnp.float32
+    mode, steps = plan(qc, math.prod(prefix), I, O, cdt, platform)
+    unit = channel_unit(I) if mode == "channel" else gs
+    A = I // (steps * unit)
+    x4 = x.astype(cdt).reshape(*prefix, A, steps, unit)
+    q4 = q.reshape(A, steps, unit, O)
+    s3 = s.reshape(A, steps, O) if mode != "channel" else s.reshape(O)
 
-    def chunk(xc, qk, sc):
-        """xc [*prefix, r], qk [r, O] (r = rows), sc [groups of these rows, O] -> float32 [*prefix, O]."""
-        sc = sc.astype(f32)
+    def step(xk, qk, sk):
+        """xk [*prefix, A, unit], qk [A, unit, O], sk [A, O] (grouped modes) -> float32 [*prefix, O]."""
         if mode == "channel":
-            return jnp.einsum("...i,io->...o", xc, qk.astype(cdt), preferred_element_type=f32)
+            return jnp.einsum("...ai,aio->...o", xk, qk.astype(cdt), preferred_element_type=f32)
         if mode == "dequant":
-            c = sc.shape[0]
-            w = (qk.reshape(c, rows // c, O).astype(cdt) * sc[:, None, :].astype(cdt)).reshape(rows, O)
-            return jnp.einsum("...i,io->...o", xc, w, preferred_element_type=f32)
-        if rows < gs:  # part of one group
-            return jnp.einsum("...i,io->...o", xc, qk.astype(cdt), preferred_element_type=f32) * sc[0]
-        c = rows // gs
-        z = jnp.einsum("...gi,gio->...go", xc.reshape(*prefix, c, gs), qk.reshape(c, gs, O).astype(cdt),
-                       preferred_element_type=f32)
-        return jnp.einsum("...go,go->...o", z, sc)
+            w = qk.astype(cdt) * sk[:, None, :].astype(cdt)
+            return jnp.einsum("...ai,aio->...o", xk, w, preferred_element_type=f32)
+        z = jnp.einsum("...ai,aio->...ao", xk, qk.astype(cdt), preferred_element_type=f32)
+        return jnp.einsum("...ao,ao->...o", z, sk.astype(f32))
 
-    steps, groups = I // rows, max(rows // gs, 1)  # groups of scales per step
+    def static(k, x4, q4, s3):
+        return step(x4[..., k, :], q4[:, k], None if mode == "channel" else s3[:, k])
+
     if steps == 1:
-        y = chunk(x2, q2, s2)
+        y = static(0, x4, q4, s3)
     elif platform == "cpu":
         # XLA:CPU cannot dynamic-slice packed int4: it would first unpack the whole weight to int8 (a
-        # temporary as large as the weight). Each step picks its chunk by `switch` over static slices.
-        def static(k, x2, q2, s2):
-            lo, hi = k * rows, (k + 1) * rows
-            return chunk(x2[..., lo:hi], q2[lo:hi], s2[lo // gs:lo // gs + groups])
-
+        # temporary as large as the weight). Each step picks its slice by `switch` over static slices.
         branches = [functools.partial(static, k) for k in range(steps)]
-        y = jax.lax.fori_loop(0, steps, lambda i, acc: acc + jax.lax.switch(i, branches, x2, q2, s2),
+        y = jax.lax.fori_loop(0, steps, lambda k, acc: acc + jax.lax.switch(k, branches, x4, q4, s3),
                               jnp.zeros((*prefix, O), f32))
     else:
-        def body(i, acc):
-            xc = jax.lax.dynamic_slice_in_dim(x2, i * rows, rows, axis=x2.ndim - 1)
-            qk = jax.lax.dynamic_slice_in_dim(q2, i * rows, rows, axis=0)
-            sc = jax.lax.dynamic_slice_in_dim(s2, (i * rows) // gs, groups, axis=0)
-            return acc + chunk(xc, qk, sc)
+        def body(k, acc):
+            xk = jax.lax.dynamic_index_in_dim(x4, k, axis=x4.ndim - 2, keepdims=False)
+            qk = jax.lax.dynamic_index_in_dim(q4, k, axis=1, keepdims=False)
+            sk = None if mode == "channel" else jax.lax.dynamic_index_in_dim(s3, k, axis=1, keepdims=False)
+            return acc + step(xk, qk, sk)
 
         y = jax.lax.fori_loop(0, steps, body, jnp.zeros((*prefix, O), f32))
     if mode == "channel":
-        y = y * s2[0].astype(f32)
+        y = y * s3.astype(f32)
     return y.astype(cdt).reshape(*prefix, *out_shape)
 
 
