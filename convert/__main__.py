@@ -67,8 +67,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--base-model", default=None, help="base_model_name_or_path for adapter_config.json")
     p.add_argument("--dtype", default=None, help="adapter tensor dtype (default: as stored)")
-    p.add_argument("--config", nargs="+", default=None, metavar="YAML [key=value …]",
-                   help="for a `python -m train` run: its config (model and LoRA settings)")
+    p.add_argument("--config", nargs="+", default=None, metavar="[YAML] [key=value …]",
+                   help="for a `python -m train` run directory: the run's config (model and LoRA settings), "
+                        "as given to python -m train")
 
     p = sub.add_parser("merge-lora", help="base + LoRA adapters -> merged HF checkpoint")
     p.add_argument("--base", required=True, help="base model: Orbax checkpoint or HF directory")
@@ -76,8 +77,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--max-shard-size", default="5GB")
-    p.add_argument("--config", nargs="+", default=None, metavar="YAML [key=value …]",
-                   help="for a `python -m train` run: its config (LoRA settings)")
+    p.add_argument("--config", nargs="+", default=None, metavar="[YAML] [key=value …]",
+                   help="for a `python -m train` run directory: the run's config, as given to python -m train")
     _common(p)
     return ap
 
@@ -91,7 +92,8 @@ def _train_config(argv):
     from model.checkpoint import is_checkpoint, read_config
     from train.config import load_config
 
-    tc = load_config(argv[0], argv[1:])
+    path, overrides = (None, argv) if "=" in argv[0] else (argv[0], argv[1:])
+    tc = load_config(path, overrides)
     m = tc.model
     if m.checkpoint:
         cfg = read_config(m.checkpoint) if is_checkpoint(m.checkpoint) else LlamaConfig.from_hf(m.checkpoint)
@@ -119,11 +121,24 @@ def main(argv=None) -> int:
         root.setLevel(level)
 
 
+def _bounded_malloc() -> None:
+    """glibc only: hand every freed buffer of 1 MiB or more straight back to the OS (a fixed mmap
+    threshold). By default the threshold rises to the size of freed blocks and later frees stay in
+    per-thread heaps, so a long job's resident memory creeps up; with this it stays at the few
+    blocks in flight, whatever the number of layers."""
+    import ctypes
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def _main(args) -> int:
     from convert import distributed
     from model.checkpoint import CheckpointFormatError
     from model.safetensors_io import CheckpointError
 
+    _bounded_malloc()
     try:
         if getattr(args, "coordinator", None) or getattr(args, "distributed", False):
             distributed.initialize(args.coordinator, args.num_processes, args.process_id, auto=args.distributed)

@@ -246,9 +246,19 @@ def convert(hf_dir, out_dir, *, dtype: str = "bfloat16", quant=None, kv_heads: i
     distributed.barrier("convert:committed")
     total = sum(u.nbytes for u in plan.units)
     dt = time.time() - t0
-    log.info("%swrote %s: %d tensors, %.2f GB in %.1f s (%.0f MB/s)", who, out, len(plan.units), total / 1e9, dt,
-             total / 1e6 / max(dt, 1e-9))
+    log.info("%swrote %s: %d tensors, %.2f GB in %.1f s (%.0f MB/s); peak host memory %s", who, out, len(plan.units),
+             total / 1e9, dt, total / 1e6 / max(dt, 1e-9), peak_memory())
     return out
+
+
+def peak_memory() -> str:
+    """This process's peak resident memory (Linux VmHWM: since exec, unlike ru_maxrss after a fork)."""
+    try:
+        with open("/proc/self/status") as f:
+            kb = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+        return f"{kb * 1024 / 1e9:.2f} GB"
+    except (OSError, StopIteration, ValueError):
+        return "unknown"
 
 
 def _same_job(jobdir, job: dict) -> bool:
@@ -324,10 +334,11 @@ def _run(src, plan, handles, todo: list[Unit], marker_dir, *, progress: bool, de
     prepared: collections.deque = collections.deque()
     committing: collections.deque = collections.deque()
 
-    def submit(pool):
+    def submit(pool) -> bool:
         t = next(tasks, None)
         if t is not None:
             prepared.append((t, pool.submit(_prepare_block, src, plan, *t)))
+        return t is not None
 
     def finish():
         (u, a, b), futures = committing.popleft()
@@ -342,25 +353,27 @@ def _run(src, plan, handles, todo: list[Unit], marker_dir, *, progress: bool, de
             bar.set_postfix_str(f"tensors {written['tensors']}/{len(todo)}")
         _kill_hook(written["blocks"])
 
+    # At most `workers + 1` blocks alive at once (being read and transformed, or being written):
+    # host memory is a fixed number of blocks, whatever the tensors and however long the job.
+    live = workers + 1
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        for _ in range(workers + 1):
-            submit(pool)
-        while prepared:
-            (u, a, b), fut = prepared.popleft()
-            try:
-                parts = fut.result()
-            except Exception:
-                for _, f in prepared:
-                    f.cancel()
-                raise
-            futures = [handles[path][index].write(arr).commit for path, index, arr in parts]
-            committing.append(((u, a, b), futures))
-            del parts
-            submit(pool)
-            while len(committing) > workers:
+        while len(prepared) + len(committing) < live and submit(pool):
+            pass
+        while prepared or committing:
+            if prepared:
+                (u, a, b), fut = prepared.popleft()
+                try:
+                    parts = fut.result()
+                except Exception:
+                    for _, f in prepared:
+                        f.cancel()
+                    raise
+                committing.append(((u, a, b), [handles[path][index].write(arr).commit for path, index, arr in parts]))
+                del parts
+            if len(committing) > 1 or not prepared:  # one write overlaps the next blocks' reading
                 finish()
-        while committing:
-            finish()
+            while len(prepared) + len(committing) < live and submit(pool):
+                pass
     bar.close()
 
 

@@ -28,13 +28,18 @@ VLLM_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 
 
 def _flat(adapters) -> dict[tuple[str, ...], np.ndarray]:
-    if isinstance(adapters, dict) and all(isinstance(k, tuple) for k in adapters):
+    """{path tuple: host array} of an nnx.State, a nested dict, or an already flat {tuple: array}."""
+    if isinstance(adapters, dict) and adapters and all(isinstance(k, tuple) for k in adapters):
         return {k: np.asarray(v) for k, v in adapters.items()}
+    import jax
     from flax import nnx
+
     out = {}
-    for path, v in nnx.to_flat_state(adapters):
+    leaves = jax.tree_util.tree_leaves_with_path(adapters, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    for path, v in leaves:
         v = v.get_value() if isinstance(v, nnx.Variable) else v
-        out[tuple(str(getattr(k, "key", k)) for k in path)] = np.asarray(v)
+        keys = tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+        out[keys[:-1] if keys[-1:] == ("value",) else keys] = np.asarray(v)
     return out
 
 

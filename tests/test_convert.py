@@ -362,10 +362,10 @@ def test_existing_output_is_not_overwritten(hf_checkpoint, tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------
 # LoRA -> PEFT, merge
 
-def _lora_model(path, rslora: bool):
+def _lora_model(path, rslora: bool, lc=None):
     from model.lora import LoraConfig
 
-    lc = LoraConfig(rank=4, alpha=8.0, rslora=rslora)
+    lc = lc or LoraConfig(rank=8, alpha=16.0, rslora=rslora)
     m = model.load(path, dtype="float32", lora=lc)
     rng = np.random.default_rng(7)
     from flax import nnx
@@ -388,7 +388,7 @@ def test_peft_export_gives_our_logits_in_peft(hf_checkpoint, tmp_path, capsys, r
     out = tmp_path / "peft"
     export_peft(adapters, m.config, out, base_model="toy")
     cfg = json.loads((out / "adapter_config.json").read_text())
-    assert cfg["r"] == 4 and cfg["use_rslora"] == rslora and cfg["target_modules"] == sorted(
+    assert cfg["r"] == 8 and cfg["use_rslora"] == rslora and cfg["target_modules"] == sorted(
         ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     toks = tokens()
     ours = np.asarray(m(toks))
@@ -414,3 +414,31 @@ def test_peft_export_gives_our_logits_in_peft(hf_checkpoint, tmp_path, capsys, r
     import transformers
     mm = transformers.AutoModelForCausalLM.from_pretrained(merged).eval()
     assert np.abs(hf_reference.logits(mm, toks) - theirs).max() <= 1e-4 * np.abs(theirs).max()
+
+
+def test_lora_to_peft_from_a_training_run(hf_checkpoint, tmp_path, capsys):
+    """A `python -m train` run directory (Orbax CheckpointManager steps, written by train/checkpoints.py,
+    no model config inside) exports, given the run's config, to the adapter of its newest step."""
+    from flax import nnx
+
+    from convert.peft import export_peft
+    from train import checkpoints
+
+    path, _ = hf_checkpoint()
+    over = [f"model.checkpoint={path}", "model.dtype=float32", "lora.rank=8", "lora.alpha=16"]
+    from model.lora import LoraConfig
+    m = _lora_model(path, False, LoraConfig(rank=8, alpha=16.0))
+    params = m.state.filter(nnx.LoRAParam)
+    mgr = checkpoints.manager(tmp_path / "run" / "checkpoints", keep=2)
+    for step in (10, 20):  # the newest step is exported
+        p = params if step == 20 else jax.tree.map(lambda x: x * 0, params)
+        state = {"params": p, "opt": {}, "step": jnp.asarray(step), "rng": jnp.zeros(2, jnp.uint32)}
+        checkpoints.save(mgr, step, state, {"epoch": 0})
+    mgr.wait_until_finished()
+    rc, err = cli(capsys, "lora-to-peft", "--ckpt", tmp_path / "run", "--out", tmp_path / "peft")
+    assert rc == 2 and "--config" in err  # the run's checkpoints do not record the model config
+    assert cli(capsys, "lora-to-peft", "--ckpt", tmp_path / "run", "--out", tmp_path / "peft", "--config", *over)[0] == 0
+    export_peft(params, m.config, tmp_path / "direct")
+    assert (tmp_path / "peft" / "adapter_model.safetensors").read_bytes() == \
+        (tmp_path / "direct" / "adapter_model.safetensors").read_bytes()
+    assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["lora_alpha"] == 16.0
