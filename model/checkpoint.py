@@ -25,6 +25,9 @@ a float parameter may be cast on restore (`model.load(DIR, dtype="float32")`).
 Unfinished checkpoints: writers work in `DIR.orbax-checkpoint-tmp` (Orbax's marker for a
 temporary checkpoint) and rename it to DIR when done; on object stores (gs://) where renames are
 not atomic they write DIR in place and `commit_success.txt` last. `is_finished` checks both.
+
+Paths: local, or gs:// (arrays through TensorStore's own GCS driver; the small metadata and marker
+files through etils.epath, which needs the `gcsfs` package for gs://). Only local paths are tested.
 """
 
 from __future__ import annotations
