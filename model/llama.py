@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name as name
 
-from model import lora
+from model import kv_cache, lora
 from model.attention import attend, choose
 from model.config import LlamaConfig
 from model.layers import Dense, Embed, RMSNorm, apply_rope, rope_frequencies
@@ -37,11 +37,19 @@ class Attention(nnx.Module):
         self.o = Dense("o", "BTNH,NHD->BTD", (N, H), (D,), ("heads", "head_dim", "embed"), **kw)
         self.impl = choose(cfg.attention)
 
-    def __call__(self, x_BTD, positions_BT, segments_BT, inv_freq, packed: bool):
+    def __call__(self, x_BTD, positions_BT, segments_BT, inv_freq, packed: bool,
+                 cache: kv_cache.LayerCache | None = None):
+        """With `cache`, this step's keys/values are written to it first and the queries attend over the
+        cached positions; returns (output, updated cache)."""
         q = constrain(name(self.q(x_BTD), "attn_proj"), ("batch", "length", "heads", "head_dim"))
         k = constrain(name(self.k(x_BTD), "attn_proj"), ("batch", "length", "kv_heads", "head_dim"))
         v = constrain(name(self.v(x_BTD), "attn_proj"), ("batch", "length", "kv_heads", "head_dim"))
         q, k = apply_rope(q, positions_BT, inv_freq), apply_rope(k, positions_BT, inv_freq)
+        if cache is not None:
+            k_BSKH, v_BSKH, k_pos, k_seg, new_cache = cache.update(k, v)
+            out = attend(q, k_BSKH, v_BSKH, q_pos=positions_BT, k_pos=k_pos, q_seg=segments_BT, k_seg=k_seg,
+                         impl=self.impl)
+            return self.o(constrain(out, ("batch", "length", "heads", "head_dim"))), new_cache
         out = attend(q, k, v, q_pos=positions_BT, k_pos=positions_BT, q_seg=segments_BT, k_seg=segments_BT,
                      impl=self.impl, causal_self=not packed)
         return self.o(constrain(out, ("batch", "length", "heads", "head_dim")))
@@ -67,7 +75,12 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(cfg.dim, cfg=cfg, layers=layers)
         self.mlp = MLP(cfg, rngs=rngs, layers=layers)
 
-    def __call__(self, x_BTD, positions_BT, segments_BT, inv_freq, packed: bool):
+    def __call__(self, x_BTD, positions_BT, segments_BT, inv_freq, packed: bool,
+                 cache: kv_cache.LayerCache | None = None):
+        if cache is not None:  # serving: returns (output, updated cache)
+            a, new_cache = self.attn(self.attn_norm(x_BTD), positions_BT, segments_BT, inv_freq, packed, cache)
+            h = x_BTD + a
+            return constrain(h + self.mlp(self.mlp_norm(h)), ("batch", "length", "embed")), new_cache
         h = x_BTD + self.attn(self.attn_norm(x_BTD), positions_BT, segments_BT, inv_freq, packed)
         out = h + self.mlp(self.mlp_norm(h))
         return constrain(out, ("batch", "length", "embed"))
@@ -84,9 +97,16 @@ class Llama(nnx.Module):
         if not cfg.tie_embeddings:
             self.lm_head = Dense("lm_head", "BTD,DV->BTV", (cfg.dim,), (cfg.vocab_size,), ("embed", "vocab"), cfg=cfg, rngs=rngs)
 
-    def __call__(self, tokens_BT, positions_BT=None, segments_BT=None) -> jax.Array:
+    def __call__(self, tokens_BT, positions_BT=None, segments_BT=None, *,
+                 cache: kv_cache.CacheUpdate | None = None, logits_at=None):
         """Float32 logits [B, T, V]. Without positions, rows are single documents from position 0;
-        with segment ids, tokens attend only within their segment (packed rows)."""
+        with segment ids, tokens attend only within their segment (packed rows).
+
+        Serving (model/kv_cache.py): with `cache`, the tokens are new tokens of the cache slots
+        `cache.rows` at `positions_BT` (segment 0 marks padding); returns (logits, updated KVCache).
+        `logits_at` [B] picks one token per row: logits [B, 1, V] for that token only."""
+        if cache is not None:
+            return self._cached(tokens_BT, positions_BT, segments_BT, cache, logits_at)
         cfg = self.config
         packed = segments_BT is not None or positions_BT is not None
         if positions_BT is None:
@@ -98,6 +118,34 @@ class Llama(nnx.Module):
         x = self.norm(x)
         logits = self.embed.attend(x) if cfg.tie_embeddings else self.lm_head(x)
         return constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+
+    def _cached(self, tokens_BT, positions_BT, segments_BT, update: kv_cache.CacheUpdate, logits_at):
+        cfg = self.config
+        if segments_BT is None:
+            segments_BT = jnp.ones_like(tokens_BT, dtype=jnp.int32)
+        x = constrain(self.embed(tokens_BT), ("batch", "length", "embed"))
+        inv_freq = rope_frequencies(cfg)
+        graphdef, state = nnx.split(self.layers)
+
+        def body(carry, xs):
+            x, cache = carry
+            layer_state, i = xs
+            view = update.layer(cache, i, positions_BT, segments_BT)
+            x, cache = nnx.merge(graphdef, layer_state)(x, positions_BT, segments_BT, inv_freq, True, view)
+            return (x, cache), None
+
+        carry = (x, update.cache)
+        if cfg.scan_layers:
+            carry, _ = jax.lax.scan(body, carry, (state, jnp.arange(cfg.num_layers)))
+        else:
+            for i in range(cfg.num_layers):
+                carry, _ = body(carry, (jax.tree.map(lambda a, i=i: a[i], state), i))
+        x, cache = carry
+        if logits_at is not None:
+            x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)  # [B, 1, D]
+        x = self.norm(x)
+        logits = self.embed.attend(x) if cfg.tie_embeddings else self.lm_head(x)
+        return constrain(logits.astype(jnp.float32), ("batch", "length", "vocab")), cache
 
     def run_layers(self, x, positions, segments, packed):
         cfg = self.config

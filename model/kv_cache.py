@@ -1,0 +1,160 @@
+"""The KV cache for serving: keys and values of every layer, slot and position, preallocated.
+
+    k, v      [L, B, S, K, H]   logical axes ("layers", "batch", "cache_length", "kv_heads", "head_dim")
+    int8:     k, v int8 plus k_scale, v_scale [L, B, S, K] float32 (one scale per token and KV head)
+
+B is the number of batch slots (one request each), S the cache length per slot. KV heads carry the
+logical name `kv_heads`, so `sharding/rules.py` splits them over the `tensor` mesh axis like the k/v
+projection weights that produce them: each device attends with its own heads and nothing moves.
+
+A forward pass with a cache (`Llama.__call__(..., cache=CacheUpdate(...))`) runs B' rows of T new
+tokens. Row b is cache slot `rows[b]`; its tokens sit at `positions[b, t]`. Each layer first writes
+its new keys/values at those positions (tokens of segment 0 are padding and are not written), then
+attends over the first `kv_len` positions of the slot (a static bucket: the step compiles once per
+bucket, not once per request). Positions beyond a token's own are masked by causality, so stale
+entries left by an earlier request in the slot are never seen; key positions past the slot's last
+written token carry segment 0 (empty).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from model.config import LlamaConfig
+from sharding.rules import RULES, constrain, named_sharding
+
+AXES = ("layers", "batch", "cache_length", "kv_heads", "head_dim")
+SCALE_AXES = AXES[:-1]
+DTYPES = ("bfloat16", "float32", "float16", "int8")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+    k: jax.Array  # [L, B, S, K, H]
+    v: jax.Array
+    k_scale: jax.Array | None = None  # [L, B, S, K], int8 caches only
+    v_scale: jax.Array | None = None
+
+    @property
+    def quantized(self) -> bool:
+        return self.k_scale is not None
+
+    @property
+    def slots(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def length(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(x.size) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(self))
+
+
+def resolve_dtype(kv_dtype: str, cfg: LlamaConfig) -> str:
+    """"auto" is the model's compute dtype."""
+    d = cfg.compute_dtype if kv_dtype == "auto" else kv_dtype
+    if d not in DTYPES:
+        raise ValueError(f"kv_dtype={kv_dtype!r}: expected auto or one of {', '.join(DTYPES)}")
+    return d
+
+
+def abstract(cfg: LlamaConfig, slots: int, length: int, dtype: str) -> KVCache:
+    """Shapes and dtypes only (for sizing and ahead-of-time compilation)."""
+    shape = (cfg.num_layers, slots, length, cfg.num_kv_heads, cfg.head_dim)
+    if dtype == "int8":
+        kv, sc = jax.ShapeDtypeStruct(shape, jnp.int8), jax.ShapeDtypeStruct(shape[:-1], jnp.float32)
+        return KVCache(kv, kv, sc, sc)
+    kv = jax.ShapeDtypeStruct(shape, jnp.dtype(dtype))
+    return KVCache(kv, kv)
+
+
+def shardings(cache: KVCache, mesh: Mesh, rules=RULES) -> KVCache:
+    def one(x, axes):
+        return None if x is None else named_sharding(axes, mesh, x.shape, rules, what="kv cache")
+    return KVCache(one(cache.k, AXES), one(cache.v, AXES), one(cache.k_scale, SCALE_AXES),
+                   one(cache.v_scale, SCALE_AXES))
+
+
+def create(cfg: LlamaConfig, slots: int, length: int, dtype: str, mesh: Mesh, rules=RULES) -> KVCache:
+    """A zero cache, created directly in its shardings."""
+    abs_ = abstract(cfg, slots, length, dtype)
+    return jax.jit(lambda: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), abs_),
+                   out_shardings=shardings(abs_, mesh, rules))()
+
+
+def bytes_per_token(cfg: LlamaConfig, dtype: str) -> int:
+    """Cache bytes per token of context (all layers, keys and values)."""
+    per = cfg.num_layers * cfg.num_kv_heads * 2
+    if dtype == "int8":
+        return per * (cfg.head_dim + 4)
+    return per * cfg.head_dim * jnp.dtype(dtype).itemsize
+
+
+def _quantize(x_BTKH):
+    xf = x_BTKH.astype(jnp.float32)
+    scale = jnp.max(jnp.abs(xf), axis=-1) / 127.0
+    scale = jnp.where(scale > 0, scale, 1.0)
+    q = jnp.clip(jnp.round(xf / scale[..., None]), -127, 127).astype(jnp.int8)
+    return q, scale
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheUpdate:
+    """What a cached forward pass needs besides tokens and positions (see the module docstring).
+
+    rows [B'] int32: the cache slot of each batch row. kv_len: positions attended over (static)."""
+
+    cache: KVCache
+    rows: jax.Array
+    kv_len: int
+
+    def layer(self, cache: KVCache, layer, positions_BT, segments_BT) -> LayerCache:
+        return LayerCache(cache, layer, self.rows, positions_BT, segments_BT, self.kv_len)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerCache:
+    """One layer's view of the cache inside the layer scan (`layer` may be a traced index)."""
+
+    cache: KVCache
+    layer: jax.Array | int
+    rows: jax.Array  # [B]
+    positions: jax.Array  # [B, T]
+    segments: jax.Array  # [B, T]; 0 = padding (not written)
+    kv_len: int
+
+    def update(self, k_BTKH, v_BTKH):
+        """Writes this step's keys/values, then returns (k [B,S,K,H], v, k_pos [B,S], k_seg [B,S], cache)
+        over the first kv_len positions of each row's slot."""
+        c, i, rows, S = self.cache, self.layer, self.rows, self.cache.length
+        write = jnp.where(self.segments > 0, self.positions, S)  # S is out of bounds: dropped
+        r = rows[:, None]
+
+        def put(buf, new):
+            return buf.at[i, r, write].set(new.astype(buf.dtype), mode="drop")
+
+        if c.quantized:
+            (kq, ks), (vq, vs) = _quantize(k_BTKH), _quantize(v_BTKH)
+            c = KVCache(put(c.k, kq), put(c.v, vq), put(c.k_scale, ks), put(c.v_scale, vs))
+        else:
+            c = KVCache(put(c.k, k_BTKH), put(c.v, v_BTKH))
+        n = self.kv_len
+        k, v = c.k[i, rows, :n], c.v[i, rows, :n]
+        if c.quantized:
+            k = (k.astype(jnp.float32) * c.k_scale[i, rows, :n][..., None]).astype(k_BTKH.dtype)
+            v = (v.astype(jnp.float32) * c.v_scale[i, rows, :n][..., None]).astype(v_BTKH.dtype)
+        else:
+            k, v = k.astype(k_BTKH.dtype), v.astype(v_BTKH.dtype)
+        names = ("batch", "cache_length", "kv_heads", "head_dim")
+        k, v = constrain(k, names), constrain(v, names)
+        k_pos = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (rows.shape[0], n))
+        last = jnp.max(jnp.where(self.segments > 0, self.positions, -1), axis=1)  # [B]
+        k_seg = (k_pos <= last[:, None]).astype(jnp.int32)  # 0: empty (never written for this request)
+        return k, v, k_pos, k_seg, c

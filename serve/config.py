@@ -1,0 +1,80 @@
+"""The serving job's config: one frozen dataclass per concern. YAML in configs/ only sets values;
+`key=value` overrides on the command line (`python -m serve engine.max_slots=16`)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from model import settings
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    preset: str = "toy"  # a preset (model/config.py) with random weights, used when no checkpoint is given
+    checkpoint: str | None = None  # HF safetensors directory or Orbax checkpoint (model.load)
+    dtype: str = "bfloat16"  # float weights and compute (the toy preset is always float32)
+    quant: str | None = None  # None | int8 | int4 | int4-g<N>: weight-only quantization at load
+    adapter: str | None = None  # LoRA: a PEFT directory or this project's checkpoint / training run
+    adapter_mode: str = "auto"  # merge (W + s·A·B into the kernel) | dynamic (on the fly) | auto
+    tokenizer: str | None = None  # "bytes", a tokenizer file or directory; default: the checkpoint's
+    name: str | None = None  # the model id clients send; default: the checkpoint's directory name or preset
+    seed: int = 0  # random weights of a preset
+    num_layers: int | None = None  # reduced-depth variants of a preset (compile checks, benches)
+    attention: str = "auto"
+    scan_layers: bool = True
+
+    def __post_init__(self):
+        if self.adapter_mode not in ("auto", "merge", "dynamic"):
+            raise ValueError(f"model.adapter_mode={self.adapter_mode!r}: expected auto, merge or dynamic")
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    max_slots: int = 8  # requests decoded together (batch slots of the KV cache)
+    max_len: int = 2048  # cache positions per slot: prompt + completion tokens of one request
+    prefill_chunk: int = 256  # prompt tokens per prefill step (longer prompts take several)
+    prefill_tokens: int = 512  # token budget of one prefill step (several short prompts batch together)
+    kv_dtype: str = "auto"  # auto (the compute dtype) | bfloat16 | float32 | float16 | int8
+    min_kv_bucket: int = 128  # the smallest attention-length bucket
+    warmup: bool = False  # compile every decode bucket before serving
+    seed: int = 0  # seeds requests that bring none
+
+    def __post_init__(self):
+        for name in ("max_slots", "max_len", "prefill_chunk", "prefill_tokens", "min_kv_bucket"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"engine.{name} must be >= 1, got {getattr(self, name)}")
+        if self.prefill_tokens < self.prefill_chunk:
+            raise ValueError(f"engine.prefill_tokens ({self.prefill_tokens}) must be >= engine.prefill_chunk "
+                             f"({self.prefill_chunk})")
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"  # loopback unless told otherwise
+    port: int = 8000
+    api_key: str | None = None  # Bearer token clients must send; also read from $SERVE_API_KEY
+    max_prompt_tokens: int | None = None  # default: engine.max_len - 1
+    max_tokens: int | None = None  # the largest max_tokens a request may ask for; default: engine.max_len - 1
+    default_max_tokens: int = 256  # when a request gives none (OpenAI completions default to 16)
+    max_body_bytes: int = 1 << 20  # request body limit
+    max_n: int = 8  # choices per request (n × prompts)
+    max_queue: int = 1024  # waiting requests before 429
+    log_level: str = "info"
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeConfig:
+    model: ModelSpec = ModelSpec()
+    engine: EngineConfig = EngineConfig()
+    server: ServerConfig = ServerConfig()
+    mesh: str = "tensor=-1"  # axis=size pairs over the devices used (sharding/mesh.py)
+    devices: int | None = None  # how many local devices to use; default all
+    topology: str | None = None  # --compile-only for this topology (v6e-8, h100x8, …) instead of local devices
+
+
+def load_config(path: str | None, overrides: list[str] = ()) -> ServeConfig:
+    """`path` None is the embedded default, configs/serve_toy.yaml."""
+    return settings.load(ServeConfig, path or "serve_toy", overrides, search_dir=CONFIG_DIR)

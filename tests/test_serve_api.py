@@ -1,0 +1,238 @@
+"""The HTTP server (`python -m serve`) in a subprocess on 127.0.0.1, driven by the official `openai` client:
+completions, chat, streaming, 64 concurrent streams with flat memory, 4xx errors in OpenAI's shape, and
+slots freed when clients disconnect."""
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+openai = pytest.importorskip("openai")
+psutil = pytest.importorskip("psutil")
+
+ROOT = Path(__file__).resolve().parent.parent
+KEY = "test-key-123"
+SLOTS = 8
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    port = free_port()
+    log = tmp_path_factory.mktemp("serve") / "server.log"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", SERVE_API_KEY=KEY)
+    cmd = [sys.executable, "-m", "serve", f"server.port={port}", f"engine.max_slots={SLOTS}", "engine.max_len=512",
+           "engine.min_kv_bucket=512", "engine.prefill_chunk=64", "engine.prefill_tokens=128",
+           "server.max_prompt_tokens=300", "server.max_tokens=400", "server.max_body_bytes=65536"]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 180
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if time.time() > deadline:
+            proc.kill()
+            pytest.fail(f"server did not start:\n{log.read_text()[-3000:]}")
+        time.sleep(0.5)
+    yield url, proc
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server[0] + "/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+NO_EOS = {"ignore_eos": True}  # the toy model has random weights: keep lengths predictable
+
+
+def test_models_and_health(server, client):
+    assert [m.id for m in client.models.list().data] == ["toy"]
+    h = httpx.get(server[0] + "/health").json()
+    assert h["status"] == "ok" and h["model"] == "toy"
+
+
+def test_completion_and_chat(client):
+    r = client.completions.create(model="toy", prompt="Hello", max_tokens=8, temperature=0, extra_body=NO_EOS)
+    assert r.object == "text_completion" and r.choices[0].finish_reason == "length"
+    assert r.usage.completion_tokens == 8 and r.usage.prompt_tokens == len("Hello".encode()) + 1  # + BOS
+    assert isinstance(r.choices[0].text, str)
+    c = client.chat.completions.create(model="toy", messages=[{"role": "system", "content": "Be brief."},
+                                                              {"role": "user", "content": "Hi!"}],
+                                       max_tokens=6, temperature=0, extra_body=NO_EOS)
+    assert c.object == "chat.completion" and c.choices[0].message.role == "assistant"
+    assert c.choices[0].finish_reason == "length" and c.usage.completion_tokens == 6
+    # greedy decoding is deterministic; n > 1 and a list of prompts give several choices
+    again = client.completions.create(model="toy", prompt="Hello", max_tokens=8, temperature=0, extra_body=NO_EOS)
+    assert again.choices[0].text == r.choices[0].text
+    multi = client.completions.create(model="toy", prompt=["Hello", "Bye"], max_tokens=4, temperature=0, n=2,
+                                      extra_body=NO_EOS)
+    assert sorted(ch.index for ch in multi.choices) == [0, 1, 2, 3]
+    assert multi.choices[0].text == multi.choices[1].text  # greedy: same prompt, same text
+    lp = client.completions.create(model="toy", prompt="Hello", max_tokens=3, temperature=0, logprobs=2,
+                                   extra_body=NO_EOS)
+    assert len(lp.choices[0].logprobs.token_logprobs) == 3 and len(lp.choices[0].logprobs.top_logprobs[0]) == 2
+
+
+def test_streaming_matches_non_streaming(client):
+    kw = dict(model="toy", max_tokens=12, temperature=0, extra_body=NO_EOS)
+    whole = client.completions.create(prompt="Stream me", **kw).choices[0].text
+    chunks = list(client.completions.create(prompt="Stream me", stream=True, **kw))
+    assert "".join(c.choices[0].text for c in chunks) == whole
+    assert chunks[-1].choices[0].finish_reason == "length"
+    msgs = [{"role": "user", "content": "Tell me"}]
+    whole = client.chat.completions.create(messages=msgs, **kw).choices[0].message.content
+    chunks = list(client.chat.completions.create(messages=msgs, stream=True, stream_options={"include_usage": True},
+                                                 **kw))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == 12 and not chunks[-1].choices
+
+
+def test_64_concurrent_streams_memory_flat(server):
+    proc = psutil.Process(server[1].pid)
+
+    async def one(aclient, i):
+        n = 8 + i % 9
+        if i % 2:
+            stream = await aclient.chat.completions.create(
+                model="toy", messages=[{"role": "user", "content": f"client {i}"}], max_tokens=n, stream=True,
+                temperature=0.7, seed=i, extra_body=NO_EOS)
+            parts = [c async for c in stream]
+            finish = [c.choices[0].finish_reason for c in parts if c.choices and c.choices[0].finish_reason]
+        else:
+            stream = await aclient.completions.create(model="toy", prompt=f"client {i}: " + "x" * (i % 40),
+                                                      max_tokens=n, stream=True, extra_body=NO_EOS)
+            parts = [c async for c in stream]
+            finish = [c.choices[0].finish_reason for c in parts if c.choices[0].finish_reason]
+        return finish
+
+    async def round_():
+        aclient = openai.AsyncOpenAI(base_url=server[0] + "/v1", api_key=KEY, max_retries=0, timeout=300)
+        try:
+            return await asyncio.gather(*(one(aclient, i) for i in range(64)))
+        finally:
+            await aclient.close()
+
+    rss = []
+    for _ in range(3):  # the first round also compiles the remaining buckets
+        results = asyncio.run(round_())
+        assert all(f == ["length"] for f in results), results
+        time.sleep(0.5)
+        rss.append(proc.memory_info().rss)
+    growth = rss[2] - rss[1]
+    assert growth < 16 << 20, f"server memory grew by {growth / 2**20:.1f} MiB between rounds ({rss})"
+    assert httpx.get(server[0] + "/health").json()["active"] == 0
+
+
+def _post(url, body, key=KEY, raw=None):
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    if raw is not None:
+        return httpx.post(url, content=raw, headers={**headers, "Content-Type": "application/json"}, timeout=60)
+    return httpx.post(url, json=body, headers=headers, timeout=60)
+
+
+@pytest.mark.parametrize("case", ["malformed_json", "not_an_object", "wrong_type", "unknown_field",
+                                  "unknown_field_wrong_type", "prompt_too_long", "max_tokens_over_limit",
+                                  "bad_message", "wrong_key", "no_key", "unknown_model", "body_too_large",
+                                  "bad_temperature"])
+def test_bad_requests_get_openai_errors(server, case):
+    url = server[0] + "/v1/completions"
+    chat = server[0] + "/v1/chat/completions"
+    ok = {"model": "toy", "prompt": "hi", "max_tokens": 2}
+    cases = {
+        "malformed_json": (lambda: _post(url, None, raw=b'{"model": "toy", "prompt": '), 400, None),
+        "not_an_object": (lambda: _post(url, [1, 2, 3]), 400, None),
+        "wrong_type": (lambda: _post(url, {**ok, "max_tokens": "5"}), 400, "max_tokens"),
+        "unknown_field": (lambda: _post(url, {**ok, "frobnicate": True}), 400, "frobnicate"),
+        "unknown_field_wrong_type": (lambda: _post(chat, {"model": "toy", "messages": [{"role": "user", "content": "x"}],
+                                                          "top_logprobs": "many", "colour": [1]}), 400, None),
+        "prompt_too_long": (lambda: _post(url, {**ok, "prompt": "x" * 400}), 400, "prompt"),
+        "max_tokens_over_limit": (lambda: _post(url, {**ok, "max_tokens": 401}), 400, "max_tokens"),
+        "bad_message": (lambda: _post(chat, {"model": "toy", "messages": [{"role": "wizard", "content": "x"}]}), 400,
+                        "messages.0.role"),
+        "wrong_key": (lambda: _post(url, ok, key="nope"), 401, None),
+        "no_key": (lambda: _post(url, ok, key=None), 401, None),
+        "unknown_model": (lambda: _post(url, {**ok, "model": "gpt-5"}), 404, "model"),
+        "body_too_large": (lambda: _post(url, {**ok, "prompt": "y" * 70000}), 400, None),
+        "bad_temperature": (lambda: _post(url, {**ok, "temperature": 3.5}), 400, "temperature"),
+    }
+    call, status, param = cases[case]
+    r = call()
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    assert err["type"] in ("invalid_request_error", "authentication_error")
+    if param:
+        assert err["param"] == param
+    # and the server keeps serving
+    good = _post(url, ok)
+    assert good.status_code == 200 and good.json()["choices"][0]["finish_reason"] in ("length", "stop")
+
+
+def test_openai_client_errors(server):
+    bad = openai.OpenAI(base_url=server[0] + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+    good = openai.OpenAI(base_url=server[0] + "/v1", api_key=KEY, max_retries=0)
+    with pytest.raises(openai.BadRequestError) as e:
+        good.completions.create(model="toy", prompt="hi", max_tokens=10_000)
+    assert e.value.body["param"] == "max_tokens"
+
+
+def test_disconnect_frees_slots(server):
+    url = server[0]
+    body = {"model": "toy", "prompt": "long story", "max_tokens": 400, "stream": True, "ignore_eos": True}
+    clients = []
+    for _ in range(SLOTS + 2):  # every slot busy, two more waiting
+        c = httpx.Client(timeout=60, headers={"Authorization": f"Bearer {KEY}"})
+        resp = c.send(c.build_request("POST", url + "/v1/completions", json=body), stream=True)
+        clients.append((c, resp))
+    lines = [resp.iter_lines() for _, resp in clients]  # (keep the iterators: dropping one closes its stream)
+    for it in lines[:SLOTS]:  # wait for a first chunk from the ones holding slots
+        next(it)
+    assert httpx.get(url + "/health").json()["active"] == SLOTS
+    t0 = time.time()
+    for c, resp in clients:
+        resp.close()
+        c.close()
+    while httpx.get(url + "/health").json()["active"] or httpx.get(url + "/health").json()["waiting"]:
+        assert time.time() - t0 < 10, "slots were not freed after the clients disconnected"
+        time.sleep(0.05)
+    r = _post(url + "/v1/completions", {"model": "toy", "prompt": "next", "max_tokens": 3})
+    assert r.status_code == 200
+
+
+def test_cli_generate():
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    r = subprocess.run([sys.executable, "-m", "serve", "generate", "--prompt", "Once upon", "--max-tokens", "5",
+                        "engine.max_len=128"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "5 completion tokens" in r.stderr or "completion tokens" in r.stderr
+    bad = subprocess.run([sys.executable, "-m", "serve", "engine.max_slots=zero"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "max_slots" in bad.stderr and "expected an integer" in bad.stderr

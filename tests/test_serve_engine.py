@@ -1,0 +1,295 @@
+"""The serving engine (serve/engine.py) against transformers: greedy tokens equal for one request and for
+requests of different lengths decoded together; continuous batching, chunked prefill, compile buckets,
+stops, sampling, log-probs, int8 KV cache, quantized weights and LoRA adapters (PEFT as the oracle)."""
+
+import jax
+import numpy as np
+import pytest
+
+import model
+from model.tokenizer import ByteTokenizer
+from serve.config import EngineConfig, ModelSpec
+from serve.engine import Engine, TextStream, bucket, buckets
+from serve.sampling import SamplingParams, sample
+from sharding.mesh import make_mesh
+from tests import hf_reference
+
+CFG = EngineConfig(max_slots=4, max_len=128, prefill_chunk=16, prefill_tokens=32, min_kv_bucket=128)
+GREEDY = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+
+
+def prompts(lengths, seed=0):
+    rng = np.random.default_rng(seed)
+    return [[int(t) for t in rng.integers(0, 256, n)] for n in lengths]
+
+
+@pytest.fixture(scope="module")
+def hf(hf_checkpoint):
+    return hf_checkpoint()  # (directory, transformers model): fp32, random, peaked logits
+
+
+@pytest.fixture(scope="module")
+def tp_mesh():
+    return make_mesh({"tensor": 2}, jax.devices()[:2])  # KV heads (2) split over 2 devices
+
+
+@pytest.fixture(scope="module")
+def engine(hf, tp_mesh):
+    m = model.load(hf[0], dtype="float32", mesh=tp_mesh)
+    return Engine(m, ByteTokenizer(), CFG)
+
+
+def hf_greedy(torch_model, prompt, n):
+    return [int(t) for t in hf_reference.greedy(torch_model, np.array([prompt]), n)[0]]
+
+
+def test_greedy_matches_transformers_batch1(engine, hf):
+    (p,) = prompts([11])
+    (r,) = engine.generate([p], GREEDY)
+    assert r["token_ids"] == hf_greedy(hf[1], p, 24)
+    assert r["finish_reason"] == "length" and r["completion_tokens"] == 24
+
+
+def test_greedy_matches_transformers_decoded_together(engine, hf):
+    ps = prompts([3, 17, 40, 70], seed=1)  # 40 and 70 take 3 and 5 prefill chunks of 16
+    results = engine.generate(ps, GREEDY)
+    for p, r in zip(ps, results):
+        assert r["token_ids"] == hf_greedy(hf[1], p, 24), f"prompt of {len(p)} tokens"
+    assert engine.stats["decode_rows"] > engine.stats["decode_steps"]  # rows really were batched
+
+
+def test_continuous_batching_joins_and_leaves(engine, hf):
+    """6 requests on 4 slots: the 5th and 6th join as soon as short ones leave, while the long one goes on."""
+    ps = prompts([5, 9, 6, 12, 7, 8], seed=2)
+    lengths = [40, 4, 4, 4, 6, 6]
+    order = []
+
+    def emit_for(i):
+        return lambda ev: order.append((i, ev.finished))
+
+    for i, (p, n) in enumerate(zip(ps, lengths)):
+        engine.submit(p, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True), emit_for(i))
+    outputs = {i: [] for i in range(6)}
+    while sum(f for _, f in order) < 6:
+        engine.step()
+    long_done = order.index((0, True))
+    for late in (4, 5):
+        assert order.index((late, True)) < long_done, "a waiting request should not wait for the long one"
+    # and the tokens are those of each request decoded alone
+    res = engine.generate(ps, [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in lengths])
+    for i, (p, n) in enumerate(zip(ps, lengths)):
+        outputs[i] = res[i]["token_ids"]
+        assert outputs[i] == hf_greedy(hf[1], p, n)
+
+
+def test_chunked_prefill_keeps_decoding(engine):
+    """A 100-token prompt is prefilled in chunks of 16 while a decoding request keeps getting tokens."""
+    (short, long_) = prompts([4, 100], seed=3)
+    events = []
+    engine.submit(short, SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True),
+                  lambda ev: events.append(("short", ev)))
+    while not events:
+        engine.step()
+    engine.submit(long_, SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True),
+                  lambda ev: events.append(("long", ev)))
+    start = len(events)
+    while not any(k == "long" for k, _ in events[start:]):
+        engine.step()
+    during = sum(1 for k, _ in events[start:] if k == "short")
+    assert during >= 100 // CFG.prefill_chunk - 1, f"only {during} decode tokens during the long prefill"
+    while not any(k == "short" and ev.finished for k, ev in events) or \
+            not any(k == "long" and ev.finished for k, ev in events):
+        engine.step()
+
+
+def test_compiles_once_per_bucket(engine):
+    engine.generate(prompts([2, 30, 50], seed=4), GREEDY)
+    seen = set(engine.compiled_shapes)
+    assert engine._step._cache_size() == len(seen)  # one executable per bucket, none per request
+    kvs = set(buckets(CFG.min_kv_bucket, CFG.max_len))
+    for B, T, kv, _ in seen:
+        assert B in buckets(1, CFG.max_slots) and T in (1, 16) and kv in kvs
+    engine.generate(prompts([4, 31, 49], seed=5), GREEDY)  # new requests, same buckets
+    assert engine.compiled_shapes == seen and engine._step._cache_size() == len(seen)
+
+
+def test_buckets():
+    assert [bucket(n, 16, 512) for n in (1, 16, 17, 300, 512, 900)] == [16, 16, 32, 512, 512, 512]
+    assert buckets(128, 1000) == [128, 256, 512, 1000]
+
+
+def test_stops_and_max_tokens(engine):
+    (p,) = prompts([6], seed=6)
+    (full,) = engine.generate([p], SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True))
+    toks = full["token_ids"]
+    # a stop token id ends the completion at its first occurrence (the id is counted, not printed)
+    stop_id = toks[5]
+    (r,) = engine.generate([p], SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True,
+                                               stop_token_ids=(stop_id,)))
+    first = toks.index(stop_id)
+    assert r["token_ids"] == toks[:first + 1] and r["finish_reason"] == "stop"
+    assert r["text"] == ByteTokenizer().decode(toks[:first])
+    # a stop string: the text up to it, never the string itself
+    text = full["text"]
+    stop = text[8:11]
+    (r,) = engine.generate([p], SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True, stop=(stop,)))
+    assert r["finish_reason"] == "stop" and r["text"] == text[:text.find(stop)]
+    # the model's and tokenizer's stop ids end generation unless ignore_eos
+    engine.stop_ids, saved = engine.stop_ids | {toks[2]}, engine.stop_ids
+    try:
+        (r,) = engine.generate([p], SamplingParams(max_tokens=30, temperature=0.0))
+        assert r["token_ids"] == toks[:toks.index(toks[2]) + 1] and r["finish_reason"] == "stop"
+    finally:
+        engine.stop_ids = saved
+    (r,) = engine.generate([p], SamplingParams(max_tokens=7, temperature=0.0, ignore_eos=True))
+    assert r["token_ids"] == toks[:7] and r["finish_reason"] == "length"
+
+
+def test_text_stream_holds_back_stop_prefixes():
+    ts = TextStream(ByteTokenizer(), ("END",))
+    out = [ts.push(t) for t in b"abcEN"]
+    assert "".join(o for o, _ in out) == "abc" and not any(s for _, s in out)  # "EN" might start "END"
+    assert ts.push(ord("D")) == ("", True)
+    ts = TextStream(ByteTokenizer(), ())
+    assert [ts.push(t)[0] for t in "é".encode()] == ["", "é"]  # whole UTF-8 characters only
+
+
+def test_seeded_sampling_is_reproducible(engine):
+    ps = prompts([7, 13, 21], seed=7)
+    sp = SamplingParams(max_tokens=16, temperature=0.9, top_p=0.95, seed=1234, ignore_eos=True)
+    (alone,) = engine.generate([ps[0]], sp)
+    together = engine.generate(ps, [sp, SamplingParams(max_tokens=16, temperature=0.5, seed=5, ignore_eos=True),
+                                    GREEDY])
+    assert together[0]["token_ids"] == alone["token_ids"]  # same seed, whatever shares the batch
+    (other,) = engine.generate([ps[0]], SamplingParams(max_tokens=16, temperature=0.9, top_p=0.95, seed=99,
+                                                       ignore_eos=True))
+    assert other["token_ids"] != alone["token_ids"]
+    (k1,) = engine.generate([ps[1]], SamplingParams(max_tokens=16, temperature=1.0, top_k=1, seed=3, ignore_eos=True))
+    (g,) = engine.generate([ps[1]], SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True))
+    assert k1["token_ids"] == g["token_ids"]  # top-k 1 is greedy
+
+
+def test_sample_distribution():
+    """top-k and top-p keep exactly the right tokens, drawn in proportion to their probabilities."""
+    n = 4000
+    probs = np.array([0.4, 0.3, 0.2, 0.1, 0.0], np.float32) + 1e-9
+    logits = np.log(np.tile(probs, (n, 1)))
+    ones, zeros = np.ones(n, np.float32), np.zeros(n, np.int32)
+    seeds, counters = np.full(n, 7, np.uint32), np.arange(n, dtype=np.int32)
+    f = jax.jit(sample, static_argnums=6)
+    tok, lp, _, _ = f(logits, ones, np.full(n, 3, np.int32), ones, seeds, counters, 0)
+    freq = np.bincount(np.asarray(tok), minlength=5) / n
+    np.testing.assert_allclose(freq[:3], probs[:3] / probs[:3].sum(), atol=0.03)
+    assert freq[3:].sum() == 0
+    np.testing.assert_allclose(np.asarray(lp), np.log(probs[np.asarray(tok)]), rtol=1e-4)
+    tok, *_ = f(logits, ones, zeros, np.full(n, 0.5, np.float32), seeds, counters, 0)
+    freq = np.bincount(np.asarray(tok), minlength=5) / n
+    np.testing.assert_allclose(freq[:2], [4 / 7, 3 / 7], atol=0.03)  # 0.4 + 0.3 reach top_p 0.5
+    assert freq[2:].sum() == 0
+    tok, *_ = f(logits, np.zeros(n, np.float32), zeros, ones, seeds, counters, 0)
+    assert (np.asarray(tok) == 0).all()  # temperature 0: argmax
+
+
+def test_logprobs_match_the_model(engine):
+    (p,) = prompts([9], seed=8)
+    (r,) = engine.generate([p], SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, logprobs=3))
+    full = np.asarray(engine.model(np.array([p + r["token_ids"]])))[0]
+    ref = jax.nn.log_softmax(full, axis=-1)
+    for i, lp in enumerate(r["logprobs"]):
+        row = np.asarray(ref[len(p) - 1 + i])
+        assert lp.token_id == r["token_ids"][i]
+        assert lp.logprob == pytest.approx(float(row[lp.token_id]), abs=1e-4)
+        assert [t for t, _, _ in lp.top] == list(np.argsort(-row)[:3])
+        assert lp.top[0][0] == lp.token_id  # greedy: the best alternative is the token itself
+
+
+@pytest.fixture(scope="module")
+def one_device():
+    return make_mesh({}, jax.devices()[:1])
+
+
+def test_int8_kv_cache(hf, one_device):
+    m = model.load(hf[0], dtype="float32", mesh=one_device)
+    e8 = Engine(m, ByteTokenizer(), EngineConfig(**{**CFG.__dict__, "kv_dtype": "int8", "max_slots": 2}))
+    assert e8.cache.k.dtype == np.int8 and e8.cache.nbytes <= (16 + 4) / (16 * 4) * Engine(m, ByteTokenizer(), CFG).cache.nbytes
+    ps = prompts([5, 14], seed=9)
+    res = e8.generate(ps, SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True, logprobs=0))
+    for p, r in zip(ps, res):
+        ref = hf_greedy(hf[1], p, 16)
+        agree = sum(a == b for a, b in zip(r["token_ids"], ref))
+        assert agree >= 14, (r["token_ids"], ref)
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4-g32"])
+def test_quantized_weights(hf, one_device, quant):
+    """The engine over int8/int4 weights gives the tokens of the same quantized model run without a cache."""
+    m = model.load(hf[0], dtype="float32", quant=quant, mesh=one_device)
+    e = Engine(m, ByteTokenizer(), EngineConfig(**{**CFG.__dict__, "max_slots": 2}))
+    ps = prompts([14, 14], seed=10)
+    res = e.generate(ps, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))
+    ref = m.greedy(np.array(ps), 12)  # full recompute, no cache: one compile for both rows
+    assert [r["token_ids"] for r in res] == [[int(t) for t in row] for row in ref]
+
+
+@pytest.fixture(scope="module")
+def peft_adapter(hf, tmp_path_factory):
+    import peft
+    import torch
+
+    base = hf[1]
+    pm = peft.get_peft_model(base, peft.LoraConfig(r=8, lora_alpha=16, target_modules=[
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], lora_dropout=0.0))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    out = tmp_path_factory.mktemp("peft")
+    pm.save_pretrained(out)
+    ps = prompts([8, 13], seed=11)
+    ref = [hf_greedy(pm, p, 12) for p in ps]
+    pm.unload()  # leave the shared base model as it was
+    return out, ps, ref
+
+
+@pytest.mark.parametrize("mode", ["merge", "dynamic"])
+def test_lora_adapter_matches_peft(hf, peft_adapter, one_device, mode):
+    from serve.weights import build
+
+    path, ps, ref = peft_adapter
+    m, tok, name = build(ModelSpec(checkpoint=str(hf[0]), dtype="float32", adapter=str(path), adapter_mode=mode,
+                                   tokenizer="bytes"), one_device)
+    assert (m.config.lora is not None) == (mode == "dynamic")
+    e = Engine(m, tok, EngineConfig(**{**CFG.__dict__, "max_slots": 2}))
+    res = e.generate(ps, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))
+    assert [r["token_ids"] for r in res] == ref
+    assert ref[0] != hf_greedy(hf[1], ps[0], 12)  # the adapter changes the output
+
+
+def test_cancel_frees_the_slot(engine):
+    ps = prompts([5, 6, 7, 8, 9], seed=12)
+    events = {i: [] for i in range(5)}
+    ids = [engine.submit(p, SamplingParams(max_tokens=100, temperature=0.0, ignore_eos=True),
+                         lambda ev, i=i: events[i].append(ev)) for i, p in enumerate(ps)]
+    for _ in range(3):
+        engine.step()
+    assert engine.active == 4 and not events[4]  # the fifth waits for a slot
+    engine.cancel(ids[1])
+    engine.step()
+    assert events[1][-1].finish_reason == "cancelled"
+    assert events[4], "the waiting request should start as soon as the slot is free"
+    for i in (0, 2, 3, 4):
+        engine.cancel(ids[i])
+    engine.step()
+    assert engine.active == 0 and engine.pending == 0
+    assert not engine._requests  # nothing left behind
+
+
+def test_compile_only_local(capsys):
+    from serve.compile_check import compile_only
+    from serve.config import load_config
+
+    cfg = load_config(None, ["engine.max_slots=2", "engine.max_len=256"])
+    assert compile_only(cfg) == 0
+    out = capsys.readouterr().out
+    assert "decode step" in out and "prefill step" in out and "FITS" in out
