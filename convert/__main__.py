@@ -83,9 +83,14 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _train_config(argv):
-    """The model config (with LoRA settings) of a `python -m train` config file; an entry point may
-    import upward like this, inside the command only."""
+def _train_config(argv, ckpt=None):
+    """The model config (with LoRA settings) of a `python -m train` config file, or of the run
+    directory holding `ckpt` (python -m train writes its resolved config.yaml there); an entry point
+    may import upward like this, inside the command only."""
+    if not argv and ckpt is not None:
+        from pathlib import Path
+        run_dir = next((d for d in (Path(ckpt), *Path(ckpt).parents[:2]) if (d / "config.yaml").exists()), None)
+        argv = [str(run_dir / "config.yaml")] if run_dir else None
     if not argv:
         return None
     from model.config import LlamaConfig
@@ -158,11 +163,11 @@ def _main(args) -> int:
         elif args.job == "lora-to-peft":
             from convert.peft import lora_to_peft
             lora_to_peft(args.ckpt, args.out, base_model=args.base_model, dtype=args.dtype,
-                         config=_train_config(args.config))
+                         config=_train_config(args.config, args.ckpt))
         elif args.job == "merge-lora":
             from convert.export import merge_lora
             merge_lora(args.base, args.ckpt, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size,
-                       overwrite=args.overwrite, progress=progress, config=_train_config(args.config))
+                       overwrite=args.overwrite, progress=progress, config=_train_config(args.config, args.ckpt))
     except (CheckpointError, CheckpointFormatError, FileExistsError, FileNotFoundError, NotImplementedError,
             ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -11,11 +11,13 @@ import time
 from pathlib import Path
 
 import jax
+import yaml
 import jax.numpy as jnp
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 import model
+from model import settings
 from model import quant
 from model.api import abstract_model, state_shardings
 from model.tokenizer import load_tokenizer
@@ -87,6 +89,8 @@ class Preempted(Exception):
 def run(cfg: TrainConfig) -> dict:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0:  # the run's resolved config: lets `convert lora-to-peft` read the run alone
+        (out / "config.yaml").write_text(yaml.safe_dump(settings.to_dict(cfg), sort_keys=False))
     mesh = make_mesh(cfg.mesh)
     log.info("mesh %s over %d devices (%s), %d process(es)", dict(mesh.shape), mesh.size,
              jax.devices()[0].device_kind, jax.process_count())
