@@ -12,12 +12,14 @@ round-to-nearest: q = round(w / s), s = absmax / qmax with qmax 127 (int8) or 7 
 its storage dtype *before* q is computed, so a bf16 scale costs no accuracy. int4 arrays are stored
 packed, two per byte, by XLA on TPU, GPU and CPU.
 
-The matmul keeps the integer weight as the dot operand (`x · q.astype(bf16)`): on TPU the convert fuses
-into the dot and the one-shot form has no temporaries. On backends that materialise the convert (CPU;
-GPU is treated the same way, not measured) and for int4 with many tokens (where per-group partial
-sums [tokens, groups, out] would outgrow the weight) the contraction runs as a loop over row chunks,
-sized so that each step's temporaries stay under `QuantConfig.chunk_bytes`: temporaries are bounded by
-a constant, not by the weight size (tests/test_quant.py checks this with `memory_analysis()`).
+The matmul keeps the integer weight as the dot operand (`x · q.astype(bf16)`), scales applied to the
+output (int8) or to per-group partial sums (int4 while decoding: [tokens, groups, out]); for int4 with
+many tokens (prefill, QLoRA training) it scales row chunks of the weight and contracts them. On TPU
+and GPU the int->float convert fuses into the dot, so the one-shot int8 form has the temporaries of
+a bf16 einsum (measured: 0 bytes on v6e AOT, the same as bf16 on an H200); XLA:CPU materialises it.
+Wherever one step's temporaries (converted rows, partial sums, scaled rows) would exceed
+`QuantConfig.chunk_bytes` the contraction runs as a loop over row chunks: temporaries are bounded by a
+constant, not by the weight size (tests/test_quant.py checks this with `memory_analysis()`).
 
 Parameter shardings: the kernel keeps its logical axes; the scale carries the logical names of the
 dims it indexes (the group dim takes the name of the first input dim: `embed` for q/k/v/gate/up,
@@ -59,7 +61,7 @@ class QuantConfig:
     group_size: int | None = None
     targets: tuple[str, ...] = TARGETS
     scale_dtype: str = "bfloat16"
-    chunk_bytes: int = 32 << 20
+    chunk_bytes: int = 64 << 20
 
     def __post_init__(self):
         object.__setattr__(self, "targets", tuple(self.targets))
@@ -222,23 +224,31 @@ def _platform() -> str:
     return jax.default_backend()
 
 
+FORCE_MODE: str | None = None  # "grouped" or "dequant" for grouped scales: benchmarks only
+
+
 def plan(qc: QuantConfig, tokens: int, I: int, O: int, compute_dtype, platform: str) -> tuple[str, int]:
     """(mode, steps) for a [tokens, I] x [I, O] quantized matmul.
 
     modes: "channel" (one scale per output column, applied to the output), "grouped" (contract each
     group, then apply its scales: temporaries [tokens, groups, O]) and "dequant" (scale the integer
     rows, then contract them: temporaries [rows, O]), chosen by which has the smaller temporaries per
-    row: "grouped" while tokens <= group_size / 2 (decoding), else "dequant". `steps` > 1 runs the
+    row: "grouped" while tokens <= group_size / 2 (decoding; not on CPU), else "dequant". `steps` > 1 runs the
     contraction as a loop whose steps each take I / steps rows, the fewest steps whose temporaries
     fit `chunk_bytes`.
     """
     gs = qc.group_size or I
     cbytes = jnp.dtype(compute_dtype).itemsize
-    convert = 0 if platform == "tpu" else cbytes  # TPU fuses the int->float convert into the dot
+    # TPU and GPU fuse the int->float convert into the dot (measured: a one-shot int8 layer has the
+    # temporaries of the bf16 einsum); XLA:CPU materialises it
+    convert = 0 if platform in ("tpu", "gpu") else cbytes
     if gs == I:
         mode, unit = "channel", channel_unit(I)
-    else:
-        mode, unit = ("grouped" if 2 * tokens * 4 <= gs * cbytes else "dequant"), gs
+    elif FORCE_MODE:
+        mode, unit = FORCE_MODE, gs
+    else:  # XLA:CPU runs the grouped (batched) form of small dots ~10x slower than one dot
+        grouped = 2 * tokens * 4 <= gs * cbytes and platform != "cpu"
+        mode, unit = ("grouped" if grouped else "dequant"), gs
 
     def temp(rows):  # bytes of temporaries of one step of `rows` rows
         if mode == "channel":
@@ -279,8 +289,11 @@ def matmul(x: jax.Array, q: jax.Array, s: jax.Array, qc: QuantConfig, in_shape, 
     prefix = x.shape[:x.ndim - n_in]
     I, O = math.prod(in_shape), math.prod(out_shape)
     gs = qc.group_size or I
-    cdt, f32 = jnp.dtype(compute_dtype), jnp.float32
+    out_dtype, f32 = jnp.dtype(compute_dtype), jnp.float32
     platform = _platform()
+    # XLA:CPU has no bf16 x bf16 -> f32 dot inside loops ("Unsupported element type for DotThunk")
+    # and upcasts bf16 dots anyway: there the operands are float32.
+    cdt = f32 if platform == "cpu" else out_dtype
     mode, steps = plan(qc, math.prod(prefix), I, O, cdt, platform)
     unit = channel_unit(I) if mode == "channel" else gs
     A = I // (steps * unit)
@@ -319,7 +332,7 @@ def matmul(x: jax.Array, q: jax.Array, s: jax.Array, qc: QuantConfig, in_shape, 
         y = jax.lax.fori_loop(0, steps, body, jnp.zeros((*prefix, O), f32))
     if mode == "channel":
         y = y * s3.astype(f32)
-    return y.astype(cdt).reshape(*prefix, *out_shape)
+    return y.astype(out_dtype).reshape(*prefix, *out_shape)
 
 
 # ---------------------------------------------------------------------------------------------
