@@ -6,8 +6,9 @@ live on a mesh. Changing the parallelism strategy is an edit to `RULES` (or a `r
 Parameters: `embed` is split over fsdp (and sequence), `heads`/`kv_heads`/`mlp`/`vocab` over tensor,
 so every large weight is sharded over the whole mesh and FSDP all-gathers one layer at a time.
 Activations: `batch` over data x fsdp, `length` over sequence, heads/mlp/vocab over tensor.
-Serving uses the same table (`SERVE_RULES`): a KV cache [layers, batch, cache_length, kv_heads,
-head_dim] splits its batch over data x fsdp, its length over sequence and its heads over tensor.
+Serving (`SERVE_RULES`) differs in one entry: the batch is split over data only, so weights stay put
+(2-D weight-stationary) and a KV cache [layers, batch, cache_length, kv_heads, head_dim] splits its
+batch over data, its length over sequence and its heads over tensor.
 
 Sharded creation and restoration: `abstract_arrays` pairs abstract shapes with their shardings
 (what `jax.jit(...).lower` and Orbax restore take), `create_sharded` runs an initializer straight
@@ -47,7 +48,11 @@ RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
 # that does), instead of being an error: a LoRA rank of 8 on fsdp=16 stays replicated.
 BEST_EFFORT = frozenset({"lora_rank"})
 
-SERVE_RULES = RULES  # one table: serving needs nothing different (see the module docstring)
+# Serving: the same table except that the batch is split over `data` only. Weights stay where they
+# are (2-D weight-stationary: D over fsdp, heads/MLP/vocab over tensor) and activations move instead
+# (partial sums reduced over fsdp), so a decode step never all-gathers a weight. The KV cache splits
+# its heads over tensor and its length over sequence, and is replicated over fsdp.
+SERVE_RULES = tuple((name, ("data",)) if name == "batch" else (name, axes) for name, axes in RULES)
 
 
 def rules_for(mode: str):

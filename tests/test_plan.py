@@ -1,0 +1,160 @@
+"""The memory planner: exact weight bytes, categories, fits / does not fit, bad input named, and one
+ahead-of-time TPU compile of the real training step (405B width, reduced depth) so the compiled path
+cannot silently break."""
+
+import json
+
+import pytest
+
+from sharding import plan as plan_lib
+from sharding import topology
+from sharding.plan import Job, PlanError
+
+GiB = 1 << 30
+B405_BF16 = 811_706_777_600  # llama31.md: 405B bf16 bytes
+
+
+def run_cli(capsys, *argv):
+    code = plan_lib.main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_topology_names():
+    t = topology.parse("v6e-16")
+    assert (t.chips, t.shape, t.kind, t.libtpu_name) == (16, (4, 4), "tpu", "v6e:4x4")
+    assert topology.parse("2xv6e-256").chips == 512 and topology.parse("2xv6e-256").num_slices == 2
+    assert topology.parse("v5p-128").chips == 64  # v5p counts TensorCores: 2 per chip
+    assert topology.parse("v6e:4x8").name == "v6e-32"
+    assert topology.parse("h100x8").hbm_bytes > 79 * GiB
+    assert topology.parse("h200x16").chips == 16
+
+
+def test_unknown_topology_and_model_list_valid_names(capsys):
+    with pytest.raises(ValueError, match=r"unknown topology 'v6e-12'.*v6e-\{1,4,8,16,32,64,128,256\}.*h100x"):
+        topology.parse("v6e-12")
+    code, _, err = run_cli(capsys, "--topology", "tpu9000", "--mode", "serve")
+    assert code == 2 and "unknown topology 'tpu9000'" in err and "v5p-" in err and "2xv6e-256" in err
+    code, _, err = run_cli(capsys, "--model", "llama4-2t", "--topology", "v6e-16")
+    assert code == 2 and "unknown model 'llama4-2t'" in err and "llama3.1-405b" in err and "config.json" in err
+
+
+def test_mesh_that_does_not_divide_names_dimension_and_axis(capsys):
+    code, _, err = run_cli(capsys, "--mode", "serve", "--quant", "int8", "--topology", "v6e-16", "--mesh", "tensor=16")
+    assert code == 2 and "kv_heads" in err and "size 8" in err and "tensor" in err
+    code, _, err = run_cli(capsys, "--topology", "v6e-16", "--mesh", "fsdp=16", "--batch", "8")
+    assert code == 2 and "not divisible by mesh axes data x fsdp = 16" in err
+    code, _, err = run_cli(capsys, "--topology", "v6e-16", "--mesh", "fsdp=3,tensor=-1")
+    assert code == 2 and "not divisible by 3" in err
+
+
+def test_job_that_does_not_fit_says_by_how_much(capsys):
+    code, out, _ = run_cli(capsys, "--mode", "lora", "--topology", "v6e-8")
+    assert code == 1
+    assert "DOES NOT FIT (analytic): needs" in out and "GiB more per chip" in out
+    code, out, _ = run_cli(capsys, "--mode", "lora", "--topology", "v6e-8", "--json")
+    r = json.loads(out)
+    assert code == 1 and r["fits"] is False and r["short_by_bytes"] > 20 * GiB
+    assert r["short_by_bytes"] == r["per_device_bytes"] - r["capacity_bytes"]
+
+
+def test_json_fields_and_exact_weight_bytes(capsys):
+    code, out, _ = run_cli(capsys, "--mode", "serve", "--topology", "v6e-64", "--mesh", "fsdp=8,tensor=8", "--json")
+    r = json.loads(out)
+    for field in ("params", "per_device_bytes", "compiled_per_device_bytes", "capacity_bytes", "fits", "per_device"):
+        assert field in r
+    assert r["params"] == 405_853_388_800 and r["compiled_per_device_bytes"] is None
+    assert r["per_device_bytes"] == sum(r["per_device"].values())
+    assert r["capacity_bytes"] == topology.FAMILIES["v6e"].hbm_bytes
+    # every weight is split 64 ways except the norms (replicated over tensor): the shards add up
+    assert abs(r["per_device"]["weights"] * 64 / B405_BF16 - 1) < 0.001
+    assert code == (0 if r["fits"] else 1)
+
+
+def test_quantized_and_training_categories():
+    int4 = plan_lib.plan(Job(mode="serve", quant="int4"), "v6e-16", "fsdp=2,tensor=8")
+    int8 = plan_lib.plan(Job(mode="serve", quant="int8"), "v6e-16", "fsdp=2,tensor=8")
+    w4, w8 = int4["per_device"]["weights"] * 16, int8["per_device"]["weights"] * 16
+    assert 205e9 < w4 < 220e9 and 400e9 < w8 < 420e9  # int4 packed two per byte, + scales; bf16 embeddings
+    full = plan_lib.plan(Job(mode="full"), "v6e-256", "fsdp=64,tensor=4")
+    d = full["per_device"]
+    assert d["gradients"] == d["weights"] and d["optimizer_state"] == 2 * d["weights"] and d["lora_params"] == 0
+    lora = plan_lib.plan(Job(mode="lora", lora_rank=16), "v6e-64", "fsdp=16,sequence=4")
+    d = lora["per_device"]
+    assert 0 < d["lora_params"] < 0.02 * d["weights"] and d["optimizer_state"] == 2 * d["lora_params"]
+    # saved activations: one [tokens, D] bf16 tensor per layer with remat=full
+    assert d["activations"] == 126 * (16 // 16) * (4096 // 4) * 16384 * 2
+    dots = plan_lib.plan(Job(mode="lora", remat="dots"), "v6e-64", "fsdp=16,sequence=4")
+    assert dots["per_device"]["activations"] > 3 * d["activations"]
+
+
+def test_bad_job_input(capsys):
+    for argv, msg in ((["--mode", "qlora", "--quant", "bf16"], "qlora needs a quantized base"),
+                      (["--mode", "full", "--quant", "int4"], "--mode full"),
+                      (["--mode", "train"], "--mode 'train'"),
+                      (["--remat", "some"], "--remat 'some'"),
+                      (["--lora-targets", "q,x"], "unknown target 'x'")):
+        code, _, err = run_cli(capsys, *argv, "--topology", "v6e-16")
+        assert code == 2 and msg in err, (argv, err)
+
+
+def test_smallest_slices():
+    q = plan_lib.smallest(Job(mode="qlora", quant="int4"), "v6e", headroom=0.1)
+    assert q["topology"] == "v6e-16" and q["fits"]
+    full = plan_lib.smallest(Job(mode="full"), "v6e", headroom=0.1)
+    assert full["chips"] >= 128
+    gpu = plan_lib.smallest(Job(mode="serve", quant="int4"), "h100")
+    assert gpu["topology"] in ("h100x4", "h100x8") and gpu["fits"]
+
+
+def test_hf_config_json_model(tmp_path):
+    from model.config import PRESETS
+
+    (tmp_path / "config.json").write_text(json.dumps(PRESETS["llama3.1-8b"].to_hf()))
+    r = plan_lib.plan(Job(model=str(tmp_path / "config.json"), mode="lora"), "h100x1", "fsdp=1", headroom=0.0)
+    assert r["params"] == 8_030_261_248
+
+
+def test_aot_tpu_compile_of_the_training_step():
+    """The real LoRA step of a 405B-width, 1-layer model, compiled for v6e-4 with libtpu on this CPU
+    machine: the compiler's argument bytes are the analytic weights + adapters + optimizer state, and
+    its per-chip peak is near the analytic total."""
+    pytest.importorskip("libtpu")
+    job = Job(mode="lora", layers=1, seq=512, batch=1)
+    r = plan_lib.plan(job, "v6e-4", "sequence=2,tensor=2", compile=True)
+    c, d = r["compiled"], r["per_device"]
+    state = d["weights"] + d["lora_params"] + d["optimizer_state"]
+    assert abs(c["argument_bytes"] / state - 1) < 0.02, (c, d)
+    assert abs(r["analytic_vs_compiled"]) < 0.25, r
+    assert c["flops"] > 0 and r["fits"]
+
+
+@pytest.mark.parametrize("name", ["lora_v6e", "qlora_v6e", "lora_8b_h100", "qlora_405b_h100x8"])
+def test_shipped_configs_plan_to_fit(name):
+    """Each shipped hardware config names a valid topology and mesh, and its analytic plan fits with
+    >= 10% headroom (the compiled check is `python -m train --config NAME --compile-only`)."""
+    from train.compile_check import job_for
+    from train.config import load_config
+
+    cfg = load_config(name)
+    r = plan_lib.plan(job_for(cfg), cfg.topology, cfg.mesh, headroom=0.10)
+    assert r["fits"], plan_lib.format_plan(r)
+    assert r["batch"] == cfg.data.batch_size and r["seq"] == cfg.data.seq_len
+
+
+def test_compile_only_on_local_devices_and_gpu_plan(capsys):
+    from train.compile_check import compile_only
+    from train.config import load_config
+
+    cfg = load_config("toy_cpu", ["mesh=fsdp=4,tensor=2", "data.batch_size=8", "data.seq_len=64",
+                                  "model.vocab_size=256"])
+    assert compile_only(cfg) == 0
+    out = capsys.readouterr().out
+    assert "FITS (compiled)" in out and "compiled (XLA)" in out and "fsdp=4 × tensor=2" in out
+    gpu = load_config("qlora_405b_h100x8")
+    assert compile_only(gpu) == 0  # no GPUs here: the analytic plan
+    out = capsys.readouterr().out
+    assert "FITS (analytic)" in out and "h100x8" in out
+    too_big = load_config("qlora_405b_h100x8", ["topology=h100x1", "mesh=fsdp=1"])
+    assert compile_only(too_big) == 1
+    assert "DOES NOT FIT" in capsys.readouterr().out
