@@ -65,6 +65,39 @@ def test_matmul_equals_dequantized_einsum(bits, group, ins, outs, tokens, chunke
         np.testing.assert_allclose(np.asarray(y), ref, rtol=0, atol=2e-5 * np.abs(ref).max())
 
 
+@pytest.mark.parametrize("platform", ["cpu", "gpu"])
+def test_input_gradient_through_the_chunked_matmul(platform, monkeypatch):
+    """QLoRA differentiates through the frozen quantized base: d/dx of the looped matmul is that of
+    x @ dequantize(q, s)."""
+    monkeypatch.setattr(quant, "_platform", lambda: platform)
+    qc = QuantConfig(bits=4, group_size=32, chunk_bytes=2048)
+    rng = np.random.default_rng(2)
+    q, s = quant.quantize(rng.normal(size=(4, 64, 128)).astype(np.float32), qc, (4, 64), (128,))
+    x = jnp.asarray(rng.normal(size=(3, 40, 4, 64)).astype(np.float32))
+    w = quant.dequantize(q, s, qc, (4, 64), (128,))
+    g = jax.grad(lambda x: jnp.sum(jnp.sin(quant.matmul(x, q, s, qc, (4, 64), (128,), jnp.float32))))(x)
+    want = jax.grad(lambda x: jnp.sum(jnp.sin(jnp.einsum("btnh,nhd->btd", x, w))))(x)
+    np.testing.assert_allclose(np.asarray(g), np.asarray(want), rtol=0, atol=1e-4 * float(jnp.abs(want).max()))
+
+
+def test_qlora_adapters_train_on_an_int4_base():
+    from model.lora import LoraConfig
+
+    cfg = LlamaConfig.preset("toy", quant="int4-g32", lora=LoraConfig(rank=4))
+    m = model.init(cfg, seed=0)
+    graphdef, adapters, base = nnx.split(m.module, nnx.LoRAParam, ...)
+    assert base["layers"]["mlp"]["up"]["kernel"].dtype == jnp.int4 and "lora_a" in adapters["layers"]["mlp"]["up"]
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 16), dtype=np.int32)
+
+    def loss(adapters):
+        logits = nnx.merge(graphdef, adapters, base)(tokens[:, :-1])
+        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[:, 1:, None], -1))
+
+    grads = jax.jit(jax.grad(loss))(adapters)
+    gb = grads["layers"]["attn"]["o"]["lora_b"][...]
+    assert np.isfinite(np.asarray(gb)).all() and float(jnp.abs(gb).max()) > 0
+
+
 def _compiled_dense(qc, I, O, tokens, mesh=None):
     """Compiles one quantized dense layer [1, tokens, I] x [I, O] (bf16 compute); returns memory_analysis()."""
     from jax.sharding import NamedSharding, PartitionSpec as P
@@ -195,6 +228,19 @@ def test_load_quantizes_per_tensor_like_quantize_state_and_shards_scales_with_we
     assert q["scale"][...].sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
     single = model.load(path, dtype="float32", quant="int4-g32")
     np.testing.assert_allclose(np.asarray(mq(tokens)), np.asarray(single(tokens)), rtol=0, atol=1e-4)
+
+
+def test_lm_head_quantized_when_configured(toy):
+    path, m, tokens, ref = toy
+    qc = QuantConfig(bits=8, targets=(*quant.TARGETS, "lm_head"))
+    mq = model.load(path, dtype="float32", quant=qc)
+    head = mq.state["lm_head"]
+    assert head["kernel"].dtype == jnp.int8 and head["scale"].shape == (m.config.vocab_size,)
+    assert mq.state["embed"]["embedding"].dtype == jnp.float32
+    _, expect = quant.quantize_state(m.state, m.config, qc)
+    assert np.array_equal(np.asarray(head["kernel"][...]), np.asarray(expect["lm_head"]["kernel"][...]))
+    kl, top1 = _kl_top1(ref, np.asarray(mq(tokens)))
+    assert kl < INT8_MAX_KL and top1 >= INT8_MIN_TOP1, (kl, top1)
 
 
 def test_405b_scales_shard_like_the_kernel_dims_they_index():
