@@ -136,7 +136,9 @@ class ByteTokenizer(Tokenizer):
         return [self.bos_id, *ids] if bos else ids
 
     def token_bytes(self, i: int) -> bytes:
-        return bytes([i]) if i < 256 else self._names[int(i)].encode()
+        """Ids past the 512 of this vocabulary (a model with a larger vocab_size) decode to nothing."""
+        i = int(i)
+        return bytes([i]) if i < 256 else self._names[i].encode() if i in self._names else b""
 
     def decode(self, ids) -> str:
         return b"".join(self.token_bytes(int(i)) for i in ids).decode(errors="replace")
