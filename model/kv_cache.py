@@ -109,11 +109,15 @@ def _quantize(x_BTKH):
 class CacheUpdate:
     """What a cached forward pass needs besides tokens and positions (see the module docstring).
 
-    rows [B'] int32: the cache slot of each batch row. kv_len: positions attended over (static)."""
+    rows [B'] int32: the cache slot of each batch row. kv_len: positions attended over (static).
+    layer_params: the block weights one layer at a time (unstacked), to run as an unrolled loop instead
+    of the scan over the stacked weights: on CPU, a scan copies each layer's slice of every stacked
+    weight before using it, which triples a decode step's memory traffic."""
 
     cache: KVCache
     rows: jax.Array
     kv_len: int
+    layer_params: tuple | None = None
 
     def layer(self, cache: KVCache, layer, positions_BT, segments_BT) -> LayerCache:
         return LayerCache(cache, layer, self.rows, positions_BT, segments_BT, self.kv_len)

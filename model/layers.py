@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from model import lora, quant
+from model import cpu_gemv, lora, quant
 from model.config import LlamaConfig
 
 # Logical names are metadata only: shardings are derived from them explicitly (sharding/rules.py).
@@ -61,7 +61,10 @@ class Dense(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x.astype(self.compute_dtype)
-        if self.quant is not None:
+        y = cpu_gemv.dense(self, x)  # decode on CPU: custom kernels, only where the serving engine enables them
+        if y is not None:
+            pass
+        elif self.quant is not None:
             y = quant.matmul(x, self.kernel[...], self.scale[...], self.quant, self.in_shape, self.out_shape,
                              self.compute_dtype)
         else:

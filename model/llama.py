@@ -135,7 +135,10 @@ class Llama(nnx.Module):
             return (x, cache), None
 
         carry = (x, update.cache)
-        if cfg.scan_layers:
+        if update.layer_params is not None:  # unstacked weights: an unrolled loop, no slicing
+            for i, layer_state in enumerate(update.layer_params):
+                carry, _ = body(carry, (layer_state, i))
+        elif cfg.scan_layers:
             carry, _ = jax.lax.scan(body, carry, (state, jnp.arange(cfg.num_layers)))
         else:
             for i in range(cfg.num_layers):

@@ -68,6 +68,7 @@ def main(argv=None) -> int:
         mesh = make_mesh(cfg.mesh, devices)
         model, tokenizer, name = build(cfg.model, mesh)
         engine = Engine(model, tokenizer, cfg.engine)
+        engine.release_model_weights()  # the engine holds what it runs (per-layer copies on CPU)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

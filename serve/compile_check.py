@@ -58,7 +58,7 @@ def lower_step(mcfg: LlamaConfig, mesh, *, batch: int, tokens: int, slots: int, 
 
     rules = SERVE_RULES if rules is None else rules
     graphdef, abstract = abstract_model(mcfg)
-    params = abstract_arrays(abstract, state_shardings(abstract, mesh, rules))
+    params = (abstract_arrays(abstract, state_shardings(abstract, mesh, rules)), None)  # the scan layout
     abs_cache = kv_cache.abstract(mcfg, slots, max_len, kv_cache.resolve_dtype(kv_dtype, mcfg))
     cache = abstract_arrays(abs_cache, kv_cache.shardings(abs_cache, mesh, rules))
     i32, f32 = jnp.int32, jnp.float32

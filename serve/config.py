@@ -41,11 +41,15 @@ class EngineConfig:
     min_kv_bucket: int = 128  # the smallest attention-length bucket
     warmup: bool = False  # compile every decode bucket before serving
     seed: int = 0  # seeds requests that bring none
+    layout: str = "auto"  # scan (stacked layers) | unrolled (per-layer weights) | auto: unrolled on one CPU
+    cpu_kernels: bool = True  # decode matrix-vector products on CPU with model/cpu_gemv.cc (one CPU device)
 
     def __post_init__(self):
         for name in ("max_slots", "max_len", "prefill_chunk", "prefill_tokens", "min_kv_bucket"):
             if getattr(self, name) < 1:
                 raise ValueError(f"engine.{name} must be >= 1, got {getattr(self, name)}")
+        if self.layout not in ("auto", "scan", "unrolled"):
+            raise ValueError(f"engine.layout={self.layout!r}: expected auto, scan or unrolled")
         if self.prefill_tokens < self.prefill_chunk:
             raise ValueError(f"engine.prefill_tokens ({self.prefill_tokens}) must be >= engine.prefill_chunk "
                              f"({self.prefill_chunk})")

@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from model import kv_cache
+from model import cpu_gemv, kv_cache
 from model.api import Model
 from serve import sampling
 from serve.config import EngineConfig
@@ -161,6 +161,10 @@ class Engine:
         self.cache = kv_cache.create(mcfg, cfg.max_slots, cfg.max_len, self.kv_dtype, model.mesh, self.rules)
         self.stop_ids = frozenset(tokenizer.stop_ids) | frozenset(mcfg.eos_token_ids)
         self._cache_shardings = kv_cache.shardings(self.cache, model.mesh, self.rules)
+        one_cpu = model.mesh.devices.size == 1 and model.mesh.devices.flat[0].platform == "cpu"
+        self.layout = cfg.layout if cfg.layout != "auto" else ("unrolled" if one_cpu else "scan")
+        self.cpu_kernels = cfg.cpu_kernels and one_cpu and cpu_gemv.available()
+        self.weights = unstack(model.state) if self.layout == "unrolled" else (model.state, None)
         self._step = jax.jit(_bind_step(self), static_argnums=(12, 13), donate_argnums=(1,),
                              out_shardings=(None, None, None, None, self._cache_shardings))
         self.compiled_shapes: set[tuple[int, int, int, int]] = set()
@@ -218,6 +222,14 @@ class Engine:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+
+    def release_model_weights(self) -> None:
+        """With the unrolled layout the engine holds its own per-layer copies of the block weights; this
+        frees the model's stacked ones (the Model object can then no longer run by itself)."""
+        if self.layout != "unrolled":
+            return
+        for leaf in jax.tree.leaves(self.model.state["layers"]):
+            leaf.delete()
 
     @property
     def active(self) -> int:
@@ -374,7 +386,7 @@ class Engine:
             self.compiled_shapes.add(shape)
             log.info("compiling step for batch %d x %d tokens, attention over %d positions%s", *shape[:3],
                      f", top {num_top} logprobs" if num_top else "")
-        out = self._step(self.model.state, self.cache, tokens, positions, segments, rows, last, t, k, p, s, c,
+        out = self._step(self.weights, self.cache, tokens, positions, segments, rows, last, t, k, p, s, c,
                          kv_len, num_top)
         tok, lp, top_ids, top_lp, self.cache = out
         return np.asarray(tok), np.asarray(lp), np.asarray(top_ids), np.asarray(top_lp)
@@ -471,19 +483,35 @@ class Engine:
         return TokenLogprob(tok, text, float(lp), raw, top)
 
 
-def step_fn(graphdef, mesh, rules, state, cache, tokens, positions, segments, rows, last, temperature, top_k, top_p,
-             seeds, counters, kv_len, num_top):
-    with use_mesh(mesh, rules):
+def unstack(state: nnx.State) -> tuple[nnx.State, tuple[nnx.State, ...]]:
+    """(everything but the block weights, the block weights one layer at a time): the "unrolled" layout.
+    The layer arrays are copies; `Engine.release_model_weights` frees the stacked originals."""
+    rest = nnx.State({k: v for k, v in state.items() if k != "layers"})
+    layers = state["layers"]
+    n = jax.tree.leaves(layers)[0].shape[0]
+    return rest, tuple(jax.tree.map(lambda a, i=i: a[i], layers) for i in range(n))
+
+
+def step_fn(graphdef, mesh, rules, weights, cache, tokens, positions, segments, rows, last, temperature, top_k, top_p,
+            seeds, counters, kv_len, num_top, cpu_kernels: bool = False):
+    """The engine's one step (prefill chunk or decode): writes the new tokens' keys/values to `cache`, samples
+    one token per row at `last`; returns (tokens, their log-probs, top ids, top log-probs, cache).
+    `weights` is (state, None) or, unrolled, (state without the blocks, per-layer block states)."""
+    state, layers = weights
+    if layers is not None:  # the module needs a `layers` entry to be built; the loop uses `layers`
+        state = nnx.State({**state, "layers": layers[0]})
+    with use_mesh(mesh, rules), cpu_gemv.enabled(cpu_kernels):
         module = nnx.merge(graphdef, state)
-        update = kv_cache.CacheUpdate(cache, rows, kv_len)
+        update = kv_cache.CacheUpdate(cache, rows, kv_len, layers)
         logits, cache = module(tokens, positions, segments, cache=update, logits_at=last)
         tok, lp, top_ids, top_lp = sampling.sample(logits[:, 0], temperature, top_k, top_p, seeds, counters, num_top)
     return tok, lp, top_ids, top_lp, cache
 
 
 def _bind_step(engine: Engine):
-    def fn(state, cache, tokens, positions, segments, rows, last, temperature, top_k, top_p, seeds, counters,
+    def fn(weights, cache, tokens, positions, segments, rows, last, temperature, top_k, top_p, seeds, counters,
            kv_len, num_top):
-        return step_fn(engine.model.graphdef, engine.model.mesh, engine.rules, state, cache, tokens, positions,
-                        segments, rows, last, temperature, top_k, top_p, seeds, counters, kv_len, num_top)
+        return step_fn(engine.model.graphdef, engine.model.mesh, engine.rules, weights, cache, tokens, positions,
+                       segments, rows, last, temperature, top_k, top_p, seeds, counters, kv_len, num_top,
+                       engine.cpu_kernels)
     return fn

@@ -150,7 +150,7 @@ def test_compile_only_on_local_devices_and_gpu_plan(capsys):
                                   "model.vocab_size=256"])
     assert compile_only(cfg) == 0
     out = capsys.readouterr().out
-    assert "FITS (compiled)" in out and "compiled (XLA)" in out and "fsdp=4 × tensor=2" in out
+    assert "FITS (compiled)" in out and "compiled (XLA peak)" in out and "fsdp=4 × tensor=2" in out
     gpu = load_config("qlora_405b_h100x8")
     assert compile_only(gpu) == 0  # no GPUs here: the analytic plan
     out = capsys.readouterr().out

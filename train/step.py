@@ -81,7 +81,7 @@ def make_step_fn(graphdef, cfg: LlamaConfig, tx: optax.GradientTransformation, m
             else:
                 (grads, loss, count, _), _ = jax.lax.scan(micro, (zeros, 0.0, 0.0, 0), batch)
             count = jnp.maximum(count, 1.0)
-            grads = jax.tree.map(lambda g: g / count, grads)
+            grads = jax.tree.map(lambda g: (g / count).astype(g.dtype), grads)  # keep bf16 grads bf16
             grad_norm = optax.tree.norm(grads)
             updates, opt_state = tx.update(grads, state["opt"], params)
             params = optax.apply_updates(params, updates)
