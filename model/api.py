@@ -176,6 +176,10 @@ def load(path: str | Path, *, dtype: str = "bfloat16", quant=None, mesh: Mesh | 
     return Model(graphdef, state, cfg, mesh)
 
 
+def _zeros(shape, dtype, sharding):
+    return jax.jit(jnp.zeros, static_argnums=(0, 1), out_shardings=sharding)(tuple(shape), jnp.dtype(dtype))
+
+
 def _load_quantized(entry, ckpt, cfg, state, shardings, mesh) -> None:
     """A quantized dense kernel: each HF tensor (one layer) is quantized on device, in its shardings,
     as it arrives; no float copy of more than one layer's tensor ever exists."""
@@ -190,14 +194,14 @@ def _load_quantized(entry, ckpt, cfg, state, shardings, mesh) -> None:
         return NamedSharding(mesh, jax.sharding.PartitionSpec(*sh.spec[lead:]))
 
     kl, sl = layer_of(ksh), layer_of(ssh)
-    quantize = jax.jit(lambda w: quantization.quantize(w, qc, in_shape, out_shape), out_shardings=(kl, sl))
+    quantize = quantization.quantizer(qc, in_shape, out_shape, (kl, sl))
     if not entry.stacked:
         q, s = quantize(_device_put(entry.to_ours(ckpt.read(entry.hf)), kl))
         kvar.set_value(q)
         svar.set_value(s)
         return
-    qs = jax.jit(lambda: jnp.zeros(kvar.shape, kvar.dtype), out_shardings=ksh)()
-    ss = jax.jit(lambda: jnp.zeros(svar.shape, svar.dtype), out_shardings=ssh)()
+    qs = _zeros(kvar.shape, kvar.dtype, ksh)
+    ss = _zeros(svar.shape, svar.dtype, ssh)
     for i, name in enumerate(entry.hf_names(cfg)):
         q, s = quantize(_device_put(entry.to_ours(ckpt.read(name)), kl))
         qs, ss = _set_layer(qs, q, i), _set_layer(ss, s, i)

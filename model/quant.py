@@ -153,6 +153,13 @@ def quantize(w: jax.Array, qc: QuantConfig, in_shape, out_shape) -> tuple[jax.Ar
     return q, s
 
 
+@functools.lru_cache(maxsize=256)
+def quantizer(qc: QuantConfig, in_shape: tuple, out_shape: tuple, out_shardings=None):
+    """`quantize` for one layer shape, jitted once (loading quantizes every layer of a stack with it)."""
+    kw = {} if out_shardings is None else dict(out_shardings=out_shardings)
+    return jax.jit(lambda w: quantize(w, qc, in_shape, out_shape), **kw)
+
+
 def dequantize(q: jax.Array, s: jax.Array, qc: QuantConfig, in_shape, out_shape) -> jax.Array:
     """float32 weight [*lead, *in, *out]: for tests and error metrics only, never in the forward pass."""
     n_in, n_out = len(in_shape), len(out_shape)
@@ -198,7 +205,7 @@ def quantize_state(state: nnx.State, cfg: LlamaConfig, quant) -> tuple[LlamaConf
             svar = _get_var(target, path[:-1] + ("scale",))
             n_lead = 1 if (var.get_metadata().get("out_sharding") or (None,))[0] == "layers" else 0
             in_shape, out_shape = layer_dims(qc, var.shape[n_lead:], svar.shape[n_lead:])
-            q, sc = jax.jit(lambda w: quantize(w, qc, in_shape, out_shape))(w)
+            q, sc = quantizer(qc, in_shape, out_shape)(w)
             var.set_value(q)
             svar.set_value(sc)
         else:
