@@ -321,7 +321,10 @@ def matmul(x: jax.Array, q: jax.Array, s: jax.Array, qc: QuantConfig, in_shape, 
     def static(k, x4, q4, s3):
         return step(x4[..., k, :], q4[:, k], None if mode == "channel" else s3[:, k])
 
-    if steps == 1:
+    if steps == 1 and mode == "channel":  # one contracting dim: TPU fuses the convert only into this form
+        y = jnp.einsum("...i,io->...o", x4.reshape(*prefix, I), q.reshape(I, O).astype(cdt),
+                       preferred_element_type=f32)
+    elif steps == 1:
         y = static(0, x4, q4, s3)
     elif platform == "cpu":
         # XLA:CPU cannot dynamic-slice packed int4: it would first unpack the whole weight to int8 (a
