@@ -44,6 +44,9 @@ class LlamaConfig:
     eos_token_ids: tuple[int, ...] = (128001,)
 
     def __post_init__(self):
+        if self.quant is not None:  # "int8", "int4", "int4-g64" -> model.quant.QuantConfig (no import cycle:
+            from model.quant import parse  # model.quant does not import this module)
+            object.__setattr__(self, "quant", parse(self.quant))
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
