@@ -3,6 +3,10 @@
     k, v      [L, B, S, K, H]   logical axes ("layers", "batch", "cache_length", "kv_heads", "head_dim")
     int8:     k, v int8 plus k_scale, v_scale [L, B, S, K] float32 (one scale per token and KV head)
 
+16-bit float caches (bfloat16, float16) are stored as their bits (uint16; `KVCache.dtype` says which
+float): XLA:CPU updates a 16-bit float array by converting all of it to float32 and back, which would
+cost a full pass over the cache for every token written. Integer updates are in place everywhere.
+
 B is the number of batch slots (one request each), S the cache length per slot. KV heads carry the
 logical name `kv_heads`, so `sharding/rules.py` splits them over the `tensor` mesh axis like the k/v
 projection weights that produce them: each device attends with its own heads and nothing moves.
@@ -39,6 +43,7 @@ class KVCache:
     v: jax.Array
     k_scale: jax.Array | None = None  # [L, B, S, K], int8 caches only
     v_scale: jax.Array | None = None
+    dtype: str = dataclasses.field(default="float32", metadata=dict(static=True))  # what k and v hold
 
     @property
     def quantized(self) -> bool:
@@ -70,16 +75,21 @@ def abstract(cfg: LlamaConfig, slots: int, length: int, dtype: str) -> KVCache:
     shape = (cfg.num_layers, slots, length, cfg.num_kv_heads, cfg.head_dim)
     if dtype == "int8":
         kv, sc = jax.ShapeDtypeStruct(shape, jnp.int8), jax.ShapeDtypeStruct(shape[:-1], jnp.float32)
-        return KVCache(kv, kv, sc, sc)
-    kv = jax.ShapeDtypeStruct(shape, jnp.dtype(dtype))
-    return KVCache(kv, kv)
+        return KVCache(kv, kv, sc, sc, dtype=dtype)
+    kv = jax.ShapeDtypeStruct(shape, _storage(dtype))
+    return KVCache(kv, kv, dtype=dtype)
+
+
+def _storage(dtype: str):
+    """The array dtype that holds a cache of `dtype` (16-bit floats as their bits)."""
+    return jnp.uint16 if jnp.dtype(dtype).itemsize == 2 else jnp.dtype(dtype)
 
 
 def shardings(cache: KVCache, mesh: Mesh, rules=RULES) -> KVCache:
     def one(x, axes):
         return None if x is None else named_sharding(axes, mesh, x.shape, rules, what="kv cache")
     return KVCache(one(cache.k, AXES), one(cache.v, AXES), one(cache.k_scale, SCALE_AXES),
-                   one(cache.v_scale, SCALE_AXES))
+                   one(cache.v_scale, SCALE_AXES), dtype=cache.dtype)
 
 
 def create(cfg: LlamaConfig, slots: int, length: int, dtype: str, mesh: Mesh, rules=RULES) -> KVCache:
@@ -141,21 +151,28 @@ class LayerCache:
         write = jnp.where(self.segments > 0, self.positions, S)  # S is out of bounds: dropped
         r = rows[:, None]
 
+        bits = c.k.dtype == jnp.uint16  # a 16-bit float cache held as bits
+
         def put(buf, new):
+            if bits:
+                new = jax.lax.bitcast_convert_type(new.astype(c.dtype), jnp.uint16)
             return buf.at[i, r, write].set(new.astype(buf.dtype), mode="drop")
+
+        def get(buf, like):
+            x = buf[i, rows, :self.kv_len]
+            return (jax.lax.bitcast_convert_type(x, jnp.dtype(c.dtype)) if bits else x).astype(like.dtype)
 
         if c.quantized:
             (kq, ks), (vq, vs) = _quantize(k_BTKH), _quantize(v_BTKH)
-            c = KVCache(put(c.k, kq), put(c.v, vq), put(c.k_scale, ks), put(c.v_scale, vs))
+            c = KVCache(put(c.k, kq), put(c.v, vq), put(c.k_scale, ks), put(c.v_scale, vs), dtype=c.dtype)
         else:
-            c = KVCache(put(c.k, k_BTKH), put(c.v, v_BTKH))
+            c = KVCache(put(c.k, k_BTKH), put(c.v, v_BTKH), dtype=c.dtype)
         n = self.kv_len
-        k, v = c.k[i, rows, :n], c.v[i, rows, :n]
         if c.quantized:
-            k = (k.astype(jnp.float32) * c.k_scale[i, rows, :n][..., None]).astype(k_BTKH.dtype)
-            v = (v.astype(jnp.float32) * c.v_scale[i, rows, :n][..., None]).astype(v_BTKH.dtype)
+            k = (c.k[i, rows, :n].astype(jnp.float32) * c.k_scale[i, rows, :n][..., None]).astype(k_BTKH.dtype)
+            v = (c.v[i, rows, :n].astype(jnp.float32) * c.v_scale[i, rows, :n][..., None]).astype(v_BTKH.dtype)
         else:
-            k, v = k.astype(k_BTKH.dtype), v.astype(v_BTKH.dtype)
+            k, v = get(c.k, k_BTKH), get(c.v, v_BTKH)
         names = ("batch", "cache_length", "kv_heads", "head_dim")
         k, v = constrain(k, names), constrain(v, names)
         k_pos = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (rows.shape[0], n))

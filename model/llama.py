@@ -123,7 +123,13 @@ class Llama(nnx.Module):
         cfg = self.config
         if segments_BT is None:
             segments_BT = jnp.ones_like(tokens_BT, dtype=jnp.int32)
-        x = constrain(self.embed(tokens_BT), ("batch", "length", "embed"))
+        table = self.embed.embedding[...]
+        if table.dtype.itemsize == 2:  # gather 16-bit rows as bits: XLA:CPU would convert the whole table
+            rows = jax.lax.bitcast_convert_type(jax.lax.bitcast_convert_type(table, jnp.uint16)[tokens_BT], table.dtype)
+            x = rows.astype(self.embed.compute_dtype)
+        else:
+            x = self.embed(tokens_BT)
+        x = constrain(x, ("batch", "length", "embed"))
         inv_freq = rope_frequencies(cfg)
         graphdef, state = nnx.split(self.layers)
 

@@ -1,0 +1,202 @@
+"""Serving benchmark on this machine: the engine (serve/engine.py) beside transformers' generate, same
+weights, same CPU, same invocation. Prints one JSON line per measurement.
+
+    python bench/serve.py                       # bench shape of shared/reference/anchors.md, bf16 int8 int4
+    python bench/serve.py --dtypes float32 bfloat16 --new-tokens 64
+
+Measured:
+  - memory copy bandwidth (numpy copy of a large array; bytes read + written), this run;
+  - batch-1 greedy decode tokens/s (128-token prompt), ours per weight format and the peer's per dtype;
+  - roofline: copy bandwidth / weight bytes read per token (every weight but the embedding table,
+    int4 packed, scales included), and our fraction of it;
+  - aggregate tokens/s with 16 concurrent requests, and time to first token (batch 1 and under load).
+Weights are random (seeded), written once as an HF safetensors directory that both sides load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+
+SHAPE = dict(vocab=32768, dim=1024, layers=8, heads=16, kv_heads=4, ffn=3584, head_dim=64)
+
+
+def emit(**kw):
+    print(json.dumps(kw), flush=True)
+
+
+def copy_bandwidth(nbytes: int = 512 << 20, repeats: int = 5) -> float:
+    """Bytes read + written per second by a numpy copy (best of `repeats`)."""
+    a = np.ones(nbytes // 4, np.float32)
+    b = np.empty_like(a)
+    np.copyto(b, a)
+    best = 0.0
+    for _ in range(repeats):
+        t = time.perf_counter()
+        np.copyto(b, a)
+        best = max(best, 2 * a.nbytes / (time.perf_counter() - t))
+    return best
+
+
+def make_checkpoint(path: Path, seed: int = 0):
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    s = SHAPE
+    cfg = transformers.LlamaConfig(vocab_size=s["vocab"], hidden_size=s["dim"], intermediate_size=s["ffn"],
+                                   num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
+                                   num_key_value_heads=s["kv_heads"], head_dim=s["head_dim"],
+                                   max_position_embeddings=4096, rope_theta=500000.0, tie_word_embeddings=False)
+    m = transformers.LlamaForCausalLM(cfg).eval()
+    m.generation_config.eos_token_id = None
+    m.generation_config.pad_token_id = 0
+    m.save_pretrained(path)
+    return m
+
+
+def peer_decode(m, dtype: str, prompt: np.ndarray, new_tokens: int, repeats: int) -> dict:
+    """transformers generate, greedy, batch 1: decode tokens/s excluding the first token, and TTFT."""
+    import torch
+
+    mm = m.to(getattr(torch, dtype))
+    ids = torch.tensor(prompt[None], dtype=torch.long)
+    kw = dict(do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        mm.generate(ids, max_new_tokens=4, min_new_tokens=4, **kw)  # warm up
+        best, ttft = 0.0, float("inf")
+        for _ in range(repeats):
+            t = time.perf_counter()
+            mm.generate(ids, max_new_tokens=1, min_new_tokens=1, **kw)
+            t1 = time.perf_counter() - t
+            t = time.perf_counter()
+            mm.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw)
+            tn = time.perf_counter() - t
+            best = max(best, (new_tokens - 1) / max(tn - t1, 1e-9))
+            ttft = min(ttft, t1)
+    return {"decode_tokens_per_s": best, "ttft_s": ttft}
+
+
+def weight_bytes_per_token(m) -> int:
+    """Bytes of every parameter a decode step reads: all but the embedding table (one row of it)."""
+    import jax
+    from flax import nnx
+
+    from model.quant import array_bytes
+
+    total = 0
+    for path, v in nnx.to_flat_state(m.state):
+        shape, dtype = v.shape, v.dtype
+        if tuple(str(k) for k in path) == ("embed", "embedding"):
+            total += array_bytes(shape[1:], dtype)
+            continue
+        total += array_bytes(shape, dtype)
+    del jax
+    return total
+
+
+def ours(ckpt: Path, dtype: str, quant: str | None, prompt: list[int], new_tokens: int, repeats: int,
+         concurrency: int, kv_dtype: str) -> dict:
+    import model
+    from model.tokenizer import ByteTokenizer
+    from serve.config import EngineConfig
+    from serve.engine import Engine
+    from serve.sampling import SamplingParams
+
+    class Tok(ByteTokenizer):  # ids beyond bytes decode to nothing: text is irrelevant here
+        vocab_size = SHAPE["vocab"]
+
+        def token_bytes(self, i):
+            return bytes([i]) if i < 256 else b""
+
+    m = model.load(ckpt, dtype=dtype, quant=quant)
+    max_len = 1 << (len(prompt) + new_tokens + 1).bit_length()
+    eng = Engine(m, Tok(), EngineConfig(max_slots=concurrency, max_len=max_len, prefill_chunk=len(prompt),
+                                        prefill_tokens=len(prompt) * 4, min_kv_bucket=max_len, kv_dtype=kv_dtype))
+    sp = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+
+    def timed(prompts):
+        stamps = {i: [] for i in range(len(prompts))}
+        done = []
+        t0 = time.perf_counter()
+        for i, p in enumerate(prompts):
+            eng.submit(p, sp, lambda ev, i=i: (stamps[i].append(time.perf_counter()), ev.finished and done.append(i)))
+        while len(done) < len(prompts):
+            eng.step()
+        return t0, stamps
+
+    timed([prompt])  # compile the batch-1 buckets
+    best, ttft = 0.0, float("inf")
+    for _ in range(repeats):
+        t0, st = timed([prompt])
+        s = st[0]
+        best = max(best, (len(s) - 1) / (s[-1] - s[0]))
+        ttft = min(ttft, s[0] - t0)
+    rng = np.random.default_rng(1)
+    many = [list(rng.integers(0, 256, len(prompt))) for _ in range(concurrency)]
+    timed(many)  # compile the batched buckets
+    agg, ttft_load = 0.0, float("inf")
+    for _ in range(max(1, repeats // 2)):
+        t0, st = timed(many)
+        end = max(s[-1] for s in st.values())
+        agg = max(agg, sum(len(s) for s in st.values()) / (end - t0))
+        ttft_load = min(ttft_load, float(np.mean([s[0] - t0 for s in st.values()])))
+    return {"decode_tokens_per_s": best, "ttft_s": ttft, "aggregate_tokens_per_s": agg,
+            "mean_ttft_under_load_s": ttft_load, "weight_bytes_per_token": weight_bytes_per_token(m)}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--formats", nargs="*", default=["bf16", "int8", "int4"], help="ours: bf16 f32 int8 int4")
+    p.add_argument("--peer-dtypes", nargs="*", default=["float32", "bfloat16"])
+    p.add_argument("--prompt", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--kv-dtype", default="auto")
+    p.add_argument("--dir", default=None, help="where to write the checkpoint (default: a temporary directory)")
+    args = p.parse_args(argv)
+
+    import jax
+    import torch
+
+    emit(what="machine", cpus=os.cpu_count(), torch_threads=torch.get_num_threads(), jax=jax.__version__,
+         torch=torch.__version__, device=jax.devices()[0].device_kind, load_avg=os.getloadavg())
+    bw = copy_bandwidth()
+    emit(what="copy_bandwidth", bytes_per_s=bw, note="numpy copy, bytes read + written")
+    tmp = tempfile.TemporaryDirectory() if args.dir is None else None
+    ckpt = Path(args.dir or tmp.name)
+    hf = make_checkpoint(ckpt)
+    prompt = [int(t) for t in np.random.default_rng(0).integers(0, 256, args.prompt)]
+    peers = {}
+    for dt in args.peer_dtypes:
+        r = peer_decode(hf, dt, np.array(prompt), args.new_tokens, args.repeats)
+        peers[dt] = r["decode_tokens_per_s"]
+        emit(what="peer", impl="transformers generate", dtype=dt, **r)
+    best_peer = max(peers.values()) if peers else None
+    formats = {"f32": ("float32", None), "bf16": ("bfloat16", None), "int8": ("bfloat16", "int8"),
+               "int4": ("bfloat16", "int4")}
+    for f in args.formats:
+        dtype, quant = formats[f]
+        r = ours(ckpt, dtype, quant, prompt, args.new_tokens, args.repeats, args.concurrency, args.kv_dtype)
+        roofline = bw / r["weight_bytes_per_token"]
+        emit(what="ours", weights=f, kv_dtype=args.kv_dtype, **r, roofline_tokens_per_s=roofline,
+             fraction_of_roofline=r["decode_tokens_per_s"] / roofline,
+             vs_best_peer=(r["decode_tokens_per_s"] / best_peer) if best_peer else None,
+             load_avg=os.getloadavg())
+    emit(what="copy_bandwidth_end", bytes_per_s=copy_bandwidth(), load_avg=os.getloadavg())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
