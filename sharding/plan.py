@@ -258,7 +258,8 @@ def estimate(job: Job, mesh, platform: str = "tpu") -> dict[str, int]:
         if sharded_w:
             layer += tree.mlp_gathered
         head = (tree.head_gathered if sharded_w else 0) + LOGIT_COPIES_SERVE * rows_l * V_l * 4
-    out["temporaries"] = max(layer, head)
+    # A one-layer scan is inlined by XLA, and then the loss overlaps the layer's buffers.
+    out["temporaries"] = max(layer, head) if L > 1 else layer + head
     return {k: int(v) for k, v in out.items()}
 
 
@@ -594,8 +595,12 @@ def format_plan(r: dict) -> str:
         lines.append(f"FITS ({basis}): {r['headroom'] * 100:.1f}% headroom, {free / GiB:.2f} GiB free per chip")
     else:
         need = r["compiled_per_device_bytes"] or r["per_device_bytes"]
-        lines.append(f"DOES NOT FIT ({basis}): needs {r['short_by_bytes'] / GiB:.2f} GiB more per chip "
-                     f"({need / r['capacity_bytes'] * 100:.0f}% of capacity)")
+        if need <= r["capacity_bytes"]:  # fits the chip, but not with the headroom asked for
+            lines.append(f"DOES NOT FIT ({basis}) with the headroom asked for: uses {need / r['capacity_bytes']:.0%} "
+                         f"of capacity; needs {r['short_by_bytes'] / GiB:.2f} GiB less per chip")
+        else:
+            lines.append(f"DOES NOT FIT ({basis}): needs {r['short_by_bytes'] / GiB:.2f} GiB more per chip "
+                         f"({need / r['capacity_bytes'] * 100:.0f}% of capacity)")
     if c and not c.get("error"):
         extra = ""
         if r.get("model_flops_per_chip"):

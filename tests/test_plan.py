@@ -117,16 +117,46 @@ def test_hf_config_json_model(tmp_path):
 
 def test_aot_tpu_compile_of_the_training_step():
     """The real LoRA step of a 405B-width, 1-layer model, compiled for v6e-4 with libtpu on this CPU
-    machine: the compiler's argument bytes are the analytic weights + adapters + optimizer state, and
-    its per-chip peak is near the analytic total."""
+    machine: the compiler's argument bytes are exactly the analytic weights + adapters + optimizer
+    state, and its per-chip peak is near the analytic total (full-depth jobs agree within a few
+    percent, BENCHMARKS.md; at one layer the embedding and LM head dominate, where the estimate is
+    coarsest)."""
     pytest.importorskip("libtpu")
-    job = Job(mode="lora", layers=1, seq=512, batch=1)
-    r = plan_lib.plan(job, "v6e-4", "sequence=2,tensor=2", compile=True)
+    job = Job(mode="lora", layers=1, seq=128, batch=1)
+    r = plan_lib.plan(job, "v6e-4", "tensor=4", compile=True)
     c, d = r["compiled"], r["per_device"]
     state = d["weights"] + d["lora_params"] + d["optimizer_state"]
-    assert abs(c["argument_bytes"] / state - 1) < 0.02, (c, d)
-    assert abs(r["analytic_vs_compiled"]) < 0.25, r
-    assert c["flops"] > 0 and r["fits"]
+    assert abs(c["argument_bytes"] / state - 1) < 0.01, (c, d)
+    assert abs(r["analytic_vs_compiled"]) < 0.15, r
+    assert c["flops"] > 0 and c["output_bytes"] - c["alias_bytes"] < 4096 and r["fits"]  # state donated
+
+
+def test_compiler_refusal_is_a_compiled_does_not_fit():
+    """A job too big for the slice: the TPU compiler refuses it (fast, before optimising), and the plan
+    reports the compiler's figure and the shortfall."""
+    pytest.importorskip("libtpu")
+    r = plan_lib.plan(Job(mode="full", layers=8), "v6e-8", "fsdp=8", compile=True)
+    assert r["fits"] is False and r["basis"] == "compiled" and "exceeds available HBM" in r["compiled"]["error"]
+    assert r["short_by_bytes"] == r["compiled_per_device_bytes"] - r["capacity_bytes"] > 0
+    assert "DOES NOT FIT (compiled): needs" in plan_lib.format_plan(r)
+
+
+def test_full_finetuning_keeps_the_optimizer_state_dtype_so_it_is_donated():
+    """bf16 weights: gradients, moments and updates stay bf16, so every output of the step aliases its
+    donated input (an fp32 drift would double the optimizer state's memory)."""
+    import jax
+
+    from model.config import LlamaConfig
+    from sharding.mesh import make_mesh
+    from train.step import lower_step
+
+    cfg = LlamaConfig.preset("toy", param_dtype="bfloat16", compute_dtype="bfloat16")
+    lowered = lower_step(cfg, mesh=make_mesh("fsdp=8"), batch=8, seq=32)
+    outs = jax.tree.leaves(lowered.out_info[0])
+    ins = jax.tree.leaves(lowered.in_avals[0][0])
+    assert [o.dtype for o in outs] == [i.dtype for i in ins]
+    ma = lowered.compile().memory_analysis()
+    assert ma.output_size_in_bytes - ma.alias_size_in_bytes < 1024  # all but the metrics and counters
 
 
 @pytest.mark.parametrize("name", ["lora_v6e", "qlora_v6e", "lora_8b_h100", "qlora_405b_h100x8"])
