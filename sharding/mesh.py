@@ -102,7 +102,13 @@ def _device_grid(shape: tuple[int, ...], devices: list):
 
 
 def make_mesh(spec: str | dict | None = None, devices=None) -> Mesh:
-    """A Mesh with axes AXES from a spec such as "fsdp=-1,tensor=4" over `devices` (default: all)."""
+    """A Mesh with axes AXES from a spec such as "fsdp=-1,tensor=4" over `devices`: default all of
+    `jax.devices()`; a list of devices; or a TPU topology name ("v6e-16", "2xv6e-256", "v5p-128"),
+    whose compile-only devices libtpu describes on any machine (sharding/topology.py)."""
+    if isinstance(devices, str):
+        from sharding import topology
+
+        devices = topology.parse(devices).devices()
     devices = list(jax.devices() if devices is None else devices)
     sizes = axis_sizes(spec, len(devices))
     shape = tuple(sizes[a] for a in AXES)

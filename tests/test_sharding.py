@@ -122,7 +122,7 @@ def test_tpu_topology_meshes():
         xs, ys = zip(*[d.coords[:2] for d in row])
         assert (max(xs) - min(xs) + 1) * (max(ys) - min(ys) + 1) == 4
     two = topology.parse("2xv6e-16").devices()
-    m2 = mesh_lib.make_mesh("data=2,fsdp=4,tensor=4", two)
+    m2 = mesh_lib.make_mesh("data=2,fsdp=4,tensor=4", "2xv6e-16")  # by name
     for i in range(2):  # the data axis spans the slices (DCN), everything else stays within a slice
         assert {d.slice_index for d in m2.devices[i].flat} == {i}
     with pytest.raises(ValueError, match="data' axis to be a multiple of 2"):
