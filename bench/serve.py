@@ -2,7 +2,9 @@
 weights, same CPU, same invocation. Prints one JSON line per measurement.
 
     python bench/serve.py                       # bench shape of shared/reference/anchors.md, bf16 int8 int4
-    python bench/serve.py --dtypes float32 bfloat16 --new-tokens 64
+    python bench/serve.py --formats f32 bf16 --new-tokens 64
+    python bench/serve.py --preset llama3.1-8b --layouts scan unrolled   # ours only, random weights, on
+                                                                         # this machine's first device (GPU)
 
 Measured:
   - memory copy bandwidth (numpy copy of a large array; bytes read + written), this run;
@@ -66,25 +68,32 @@ def make_checkpoint(path: Path, seed: int = 0):
 
 
 def peer_decode(m, dtype: str, prompt: np.ndarray, new_tokens: int, repeats: int) -> dict:
-    """transformers generate, greedy, batch 1: decode tokens/s excluding the first token, and TTFT."""
+    """transformers generate, greedy, batch 1: decode tokens/s excluding the first token, and TTFT. Best
+    over repeats and over torch thread counts (all cores, and 1: on a busy machine one can be faster)."""
     import torch
 
     mm = m.to(getattr(torch, dtype))
     ids = torch.tensor(prompt[None], dtype=torch.long)
     kw = dict(do_sample=False, pad_token_id=0)
+    cores = torch.get_num_threads()
+    best, ttft, best_threads = 0.0, float("inf"), cores
     with torch.no_grad():
-        mm.generate(ids, max_new_tokens=4, min_new_tokens=4, **kw)  # warm up
-        best, ttft = 0.0, float("inf")
-        for _ in range(repeats):
-            t = time.perf_counter()
-            mm.generate(ids, max_new_tokens=1, min_new_tokens=1, **kw)
-            t1 = time.perf_counter() - t
-            t = time.perf_counter()
-            mm.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw)
-            tn = time.perf_counter() - t
-            best = max(best, (new_tokens - 1) / max(tn - t1, 1e-9))
-            ttft = min(ttft, t1)
-    return {"decode_tokens_per_s": best, "ttft_s": ttft}
+        for threads in sorted({cores, 1}, reverse=True):
+            torch.set_num_threads(threads)
+            mm.generate(ids, max_new_tokens=4, min_new_tokens=4, **kw)  # warm up
+            for _ in range(repeats):
+                t = time.perf_counter()
+                mm.generate(ids, max_new_tokens=1, min_new_tokens=1, **kw)
+                t1 = time.perf_counter() - t
+                t = time.perf_counter()
+                mm.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw)
+                tn = time.perf_counter() - t
+                rate = (new_tokens - 1) / max(tn - t1, 1e-9)
+                if rate > best:
+                    best, best_threads = rate, threads
+                ttft = min(ttft, t1)
+    torch.set_num_threads(cores)
+    return {"decode_tokens_per_s": best, "ttft_s": ttft, "torch_threads": best_threads}
 
 
 def weight_bytes_per_token(m) -> int:
@@ -105,24 +114,33 @@ def weight_bytes_per_token(m) -> int:
     return total
 
 
-def ours(ckpt: Path, dtype: str, quant: str | None, prompt: list[int], new_tokens: int, repeats: int,
-         concurrency: int, kv_dtype: str) -> dict:
+def ours(ckpt: Path | None, dtype: str, quant: str | None, prompt: list[int], new_tokens: int, repeats: int,
+         concurrency: int, kv_dtype: str, layout: str = "auto", preset: str | None = None) -> dict:
     import model
     from model.tokenizer import ByteTokenizer
     from serve.config import EngineConfig
     from serve.engine import Engine
     from serve.sampling import SamplingParams
 
+    if ckpt is not None:
+        m = model.load(ckpt, dtype=dtype, quant=quant)
+    else:  # random weights of a preset on the default device
+        from model import quant as quant_lib
+
+        cfg = model.LlamaConfig.preset(preset, param_dtype=dtype, compute_dtype=dtype, remat="none",
+                                       quant=quant_lib.parse(quant))
+        m = model.init(cfg)
+
     class Tok(ByteTokenizer):  # ids beyond bytes decode to nothing: text is irrelevant here
-        vocab_size = SHAPE["vocab"]
+        vocab_size = m.config.vocab_size
 
         def token_bytes(self, i):
             return bytes([i]) if i < 256 else b""
 
-    m = model.load(ckpt, dtype=dtype, quant=quant)
     max_len = 1 << (len(prompt) + new_tokens + 1).bit_length()
     eng = Engine(m, Tok(), EngineConfig(max_slots=concurrency, max_len=max_len, prefill_chunk=len(prompt),
-                                        prefill_tokens=len(prompt) * 4, min_kv_bucket=max_len, kv_dtype=kv_dtype))
+                                        prefill_tokens=len(prompt) * 4, min_kv_bucket=max_len, kv_dtype=kv_dtype,
+                                        layout=layout))
     sp = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
 
     def timed(prompts):
@@ -152,7 +170,8 @@ def ours(ckpt: Path, dtype: str, quant: str | None, prompt: list[int], new_token
         agg = max(agg, sum(len(s) for s in st.values()) / (end - t0))
         ttft_load = min(ttft_load, float(np.mean([s[0] - t0 for s in st.values()])))
     return {"decode_tokens_per_s": best, "ttft_s": ttft, "aggregate_tokens_per_s": agg,
-            "mean_ttft_under_load_s": ttft_load, "weight_bytes_per_token": weight_bytes_per_token(m)}
+            "mean_ttft_under_load_s": ttft_load, "weight_bytes_per_token": weight_bytes_per_token(m),
+            "layout": eng.layout, "cpu_kernels": eng.cpu_kernels}
 
 
 def main(argv=None) -> int:
@@ -165,7 +184,25 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--kv-dtype", default="auto")
     p.add_argument("--dir", default=None, help="where to write the checkpoint (default: a temporary directory)")
+    p.add_argument("--preset", default=None, help="ours only: random weights of this preset (e.g. llama3.1-8b) "
+                                                   "on the default device, no peer")
+    p.add_argument("--layouts", nargs="*", default=["auto"], help="engine layouts to compare: auto scan unrolled")
     args = p.parse_args(argv)
+    formats = {"f32": ("float32", None), "bf16": ("bfloat16", None), "int8": ("bfloat16", "int8"),
+               "int4": ("bfloat16", "int4")}
+    prompt = [int(t) for t in np.random.default_rng(0).integers(0, 256, args.prompt)]
+    if args.preset:
+        import jax
+
+        emit(what="machine", device=jax.devices()[0].device_kind, jax=jax.__version__)
+        for f in args.formats:
+            for layout in args.layouts:
+                dtype, quant = formats[f]
+                r = ours(None, dtype, quant, prompt, args.new_tokens, args.repeats, args.concurrency, args.kv_dtype,
+                         layout, args.preset)
+                emit(what="ours", preset=args.preset, weights=f, **r,
+                     weight_bytes_per_s=r["decode_tokens_per_s"] * r["weight_bytes_per_token"])
+        return 0
 
     import jax
     import torch
@@ -177,18 +214,16 @@ def main(argv=None) -> int:
     tmp = tempfile.TemporaryDirectory() if args.dir is None else None
     ckpt = Path(args.dir or tmp.name)
     hf = make_checkpoint(ckpt)
-    prompt = [int(t) for t in np.random.default_rng(0).integers(0, 256, args.prompt)]
     peers = {}
     for dt in args.peer_dtypes:
         r = peer_decode(hf, dt, np.array(prompt), args.new_tokens, args.repeats)
         peers[dt] = r["decode_tokens_per_s"]
         emit(what="peer", impl="transformers generate", dtype=dt, **r)
     best_peer = max(peers.values()) if peers else None
-    formats = {"f32": ("float32", None), "bf16": ("bfloat16", None), "int8": ("bfloat16", "int8"),
-               "int4": ("bfloat16", "int4")}
     for f in args.formats:
         dtype, quant = formats[f]
-        r = ours(ckpt, dtype, quant, prompt, args.new_tokens, args.repeats, args.concurrency, args.kv_dtype)
+        r = ours(ckpt, dtype, quant, prompt, args.new_tokens, args.repeats, args.concurrency, args.kv_dtype,
+                 args.layouts[0])
         roofline = bw / r["weight_bytes_per_token"]
         emit(what="ours", weights=f, kv_dtype=args.kv_dtype, **r, roofline_tokens_per_s=roofline,
              fraction_of_roofline=r["decode_tokens_per_s"] / roofline,

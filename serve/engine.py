@@ -20,6 +20,12 @@ B a power of two up to max_slots, T = 1 for decode or a power of two up to prefi
 attended cache length a power of two from min_kv_bucket up to max_len. So it compiles once per
 bucket, never per request; `compiled_shapes` lists the buckets seen.
 
+Weights: on accelerators the step scans over the stacked layer weights (compile time independent of
+depth). On one CPU device (`layout` auto) the engine keeps per-layer copies and unrolls the loop, and
+Dense layers use model/cpu_gemv.cc for the decode products: XLA:CPU copies each layer's slice out of
+a stacked weight and converts 16-bit and integer weights to float32 before a dot, which made decoding
+several times slower than the weight read itself (bench/serve.py, BENCHMARKS.md).
+
 Events (`Event`) go to each request's `emit` callback from the engine thread: text deltas (complete
 UTF-8 only; text that may be the start of a stop string is held back until it is known not to be),
 token ids, optional log-probabilities, and at the end the finish reason and token counts.
@@ -38,7 +44,6 @@ import time
 from collections.abc import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -140,10 +145,6 @@ def buckets(lo: int, hi: int) -> list[int]:
         if b >= hi:
             return out
         b = bucket(b + 1, lo, hi)
-
-
-class EngineError(RuntimeError):
-    pass
 
 
 class Engine:

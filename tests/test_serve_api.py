@@ -3,7 +3,6 @@ completions, chat, streaming, 64 concurrent streams with flat memory, 4xx errors
 slots freed when clients disconnect."""
 
 import asyncio
-import json
 import os
 import socket
 import subprocess
