@@ -112,16 +112,42 @@ def dense_dims(cfg: LlamaConfig, target: str) -> tuple[tuple[int, ...], tuple[in
 
 
 def read_adapter(path, cfg: LlamaConfig) -> tuple[lora_lib.LoraConfig, dict]:
-    """A PEFT directory or this project's adapter checkpoint (or `python -m train` run directory)."""
+    """A PEFT directory, this project's checkpoint (it records its LoRA config), or a `python -m train`
+    run directory (LoRA config from the run's config.yaml)."""
     if is_peft_dir(path):
         return read_peft(path, cfg)
-    from convert.peft import read_adapters  # this project's checkpoint formats
+    from convert.peft import find_adapter_checkpoint, read_adapters  # this project's checkpoint formats
+    from model import checkpoint as ckpt
 
-    acfg, flat = read_adapters(path, cfg)
+    try:
+        find_adapter_checkpoint(path)
+        acfg, flat = read_adapters(path)
+    except ckpt.CheckpointFormatError:  # a training run: its config.yaml says rank, alpha, targets
+        lc = _run_lora_config(path)
+        if lc is None:
+            raise AdapterError(f"{path}: not a PEFT directory (adapter_config.json), not a checkpoint with LoRA "
+                               f"parameters, and no training run config.yaml beside it") from None
+        acfg, flat = read_adapters(path, cfg.replace(lora=lc))
     if acfg.lora is None:
         raise AdapterError(f"{path}: the checkpoint's config has no LoRA settings (rank, alpha)")
     flat = {tuple(k): np.asarray(v) for k, v in flat.items()}
     return acfg.lora, flat
+
+
+def _run_lora_config(path) -> lora_lib.LoraConfig | None:
+    """The `lora` section of the config.yaml that `python -m train` writes into its run directory."""
+    import yaml
+
+    from model import settings
+
+    p = Path(path)
+    for d in (p, *p.parents[:2]):
+        f = d / "config.yaml"
+        if f.exists():
+            values = yaml.safe_load(f.read_text()) or {}
+            if isinstance(values.get("lora"), dict):
+                return settings.build(lora_lib.LoraConfig, values["lora"], f"{f}: lora")
+    return None
 
 
 def _get(tree, path):

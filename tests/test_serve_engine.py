@@ -276,6 +276,31 @@ def test_lora_adapter_matches_peft(hf, peft_adapter, one_device, mode):
     assert ref[0] != hf_greedy(hf[1], ps[0], 12)  # the adapter changes the output
 
 
+def test_lora_adapter_from_project_checkpoint(hf, one_device, tmp_path):
+    """An adapter saved in this project's format (model.checkpoint.save of the LoRA parameters) merged at
+    load gives the tokens of the model that applies the same adapters on the fly."""
+    from flax import nnx
+
+    from model import checkpoint as ckpt
+    from model.lora import LoraConfig
+    from serve.weights import build, set_adapters
+
+    lc = LoraConfig(rank=4, alpha=8.0)
+    m = model.load(hf[0], dtype="float32", mesh=one_device, lora=lc)
+    rng = np.random.default_rng(3)
+    flat = {tuple(str(k) for k in path): rng.normal(0, 0.05, v.shape).astype(np.float32)
+            for path, v in nnx.to_flat_state(m.state.filter(nnx.LoRAParam))}
+    set_adapters(m, flat)
+    ckpt.save(m.state.filter(nnx.LoRAParam), m.config, tmp_path / "adapter")
+    served, tok, _ = build(ModelSpec(checkpoint=str(hf[0]), dtype="float32", adapter=str(tmp_path / "adapter"),
+                                     adapter_mode="merge", tokenizer="bytes"), one_device)
+    assert served.config.lora is None  # merged into the kernels
+    e = Engine(served, tok, EngineConfig(**{**CFG.__dict__, "max_slots": 2}))
+    ps = prompts([9, 9], seed=13)
+    res = e.generate(ps, SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True))
+    assert [r["token_ids"] for r in res] == [[int(t) for t in row] for row in m.greedy(np.array(ps), 10)]
+
+
 def test_cancel_frees_the_slot(engine):
     ps = prompts([5, 6, 7, 8, 9], seed=12)
     events = {i: [] for i in range(5)}
