@@ -143,6 +143,7 @@ def test_64_concurrent_streams_memory_flat(server):
         assert all(f == ["length"] for f in results), results
         time.sleep(0.5)
         rss.append(proc.memory_info().rss)
+    print(f"server RSS after rounds 1-3: {[round(r / 2**20, 1) for r in rss]} MiB")
     growth = rss[2] - rss[1]
     assert growth < 16 << 20, f"server memory grew by {growth / 2**20:.1f} MiB between rounds ({rss})"
     assert httpx.get(server[0] + "/health").json()["active"] == 0
