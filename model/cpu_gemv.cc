@@ -1,19 +1,33 @@
-// Matrix-vector products for decoding on CPU: y[M, N] = x[M, K] · W[K, N] for a few rows M, with W in
-// float32, bfloat16, int8 (one scale per output column) or int4 (packed two per byte, low nibble first,
-// one scale per group of G rows and output column). The weight is read once in its stored format and
-// converted in registers: XLA:CPU instead converts a bfloat16/int8/int4 weight to a float32 copy first,
-// which costs several times the memory traffic of the read itself.
+// Dense products on one CPU device: y[M, N] = x[M, K] · W[K, N] with W stored transposed, as wt[N, K] (the
+// layout Hugging Face files use): every output is a dot product of two contiguous rows, so weight rows
+// stream from memory once, x stays in cache, and no thread needs another's partial sums.
 //
-// Weight rows stream from memory contiguously (a row at a time, or a block of columns of it when M rows
-// of accumulators would not fit L2); threads, if any (OpenMP; see threads_for), take ranges of rows.
-// Portable C++ written for the compiler's auto-vectoriser (built -O3 -march=native by model/cpu_gemv.py).
+//   float32  wt f32 [N, K], x f32                          FMA on 16 lanes
+//   bfloat16 wt bf16 [N, K], x bf16 (the model's compute)  AVX512-BF16 pair dot products (exact products)
+//   int8     wt s8 [N, K], scale [N]                       activations quantized to int8 per 128-block,
+//   int4     wt s4 [N, K] (two per byte along K),          integer dot products (AVX512-VNNI), then
+//            scale [N, K / group], group % 128 == 0        scaled in float32 per block
+//
+// XLA:CPU instead converts a bfloat16/int8/int4 weight to a float32 copy before each dot, which costs
+// several times the memory traffic of reading it. Quantizing the activations (symmetric, per row and
+// block of 128 inputs, round to nearest even) is what llama.cpp's CPU dot products do; the integer
+// products and block sums are exact, so the only change against float activations is that rounding.
+//
+// Threads: XLA's intra-op pool (the FFI's ThreadPool), over contiguous ranges of output rows; products
+// under 256 KiB of weights run on the calling thread. Without AVX-512 (BF16 + VNNI) the same arithmetic
+// runs as portable loops.
 #include <algorithm>
+#include <atomic>
+#include <cmath>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <vector>
 
-#include <omp.h>
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__) && defined(__AVX512VNNI__)
+#define LLAMA_JAX_AVX512 1
+#include <immintrin.h>
+#endif
 
 #include "xla/ffi/api/ffi.h"
 
@@ -21,263 +35,389 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-inline float bf16(uint16_t h) {
+constexpr int64_t QB = 128;                 // activation quantization block (inputs)
+constexpr int64_t X_CACHE = 256 << 10;      // x rows per pass over the weights: this many bytes (L2)
+constexpr int64_t SERIAL_BYTES = 256 << 10; // smaller weights: one thread
+
+inline float bf16_to_f32(uint16_t h) {
   uint32_t u = static_cast<uint32_t>(h) << 16;
   float f;
   std::memcpy(&f, &u, 4);
   return f;
 }
 
-constexpr int64_t CHUNK = 512;               // weight elements converted at a time (L1)
-constexpr int64_t ACC_BYTES = 256 * 1024;    // accumulators of one column block (L2)
-
-int threads_for(int64_t bytes) {
-  // Threads: $LLAMA_JAX_CPU_THREADS, default OpenMP's (the cores). Each takes a contiguous range of
-  // rows; small weights (L2/L3-resident, microseconds) get one thread, as waking another costs more.
-  static const int configured = [] {
-    const char* v = std::getenv("LLAMA_JAX_CPU_THREADS");
-    return v ? std::max(1, std::atoi(v)) : omp_get_max_threads();
-  }();
-  return bytes >= (int64_t(512) << 10) ? configured : 1;
-}
-
-// Columns per block: the accumulators of all M rows for a block stay in L2 while whole row segments
-// of the weight stream from memory (contiguous reads; for few rows a block is the whole row).
-int64_t block_cols(int64_t M, int64_t N) {
-  int64_t nb = std::max<int64_t>(CHUNK, ACC_BYTES / (4 * std::max<int64_t>(M, 1)) / CHUNK * CHUNK);
-  return std::min(nb, N);
-}
-
-// acc[m][0..n) += x[m][k] * conv(row[0..n)) for rows k in [k0, k1); acc has leading dimension ld.
-template <typename T, typename Conv>
-inline void rows_dense(const float* __restrict x, const T* __restrict w, int64_t M, int64_t K, int64_t N,
-                       int64_t k0, int64_t k1, int64_t n0, int64_t n, float* __restrict acc, int64_t ld, Conv conv) {
-  alignas(64) float tmp[CHUNK];
-  int64_t k = k0;
-  if (M == 1) {  // one row of x: four weight rows per pass, so the accumulators move once per 4 rows
-    for (; k + 4 <= k1; k += 4) {
-      const T* __restrict r0 = w + k * N + n0;
-      const T* __restrict r1 = r0 + N;
-      const T* __restrict r2 = r1 + N;
-      const T* __restrict r3 = r2 + N;
-      const float x0 = x[k], x1 = x[k + 1], x2 = x[k + 2], x3 = x[k + 3];
-#pragma omp simd
-      for (int64_t j = 0; j < n; ++j)
-        acc[j] += x0 * conv(r0[j]) + x1 * conv(r1[j]) + x2 * conv(r2[j]) + x3 * conv(r3[j]);
-    }
+// Runs f(part) for part in [0, parts) on the calling thread and the pool's. Parts are claimed from a
+// counter, so a pool thread that starts late finds nothing left rather than being waited for.
+template <typename F>
+void parallel(ffi::ThreadPool* pool, int64_t parts, const F& f) {
+  const int64_t workers = pool ? std::min<int64_t>(pool->num_threads(), parts - 1) : 0;
+  if (workers <= 0) {
+    for (int64_t p = 0; p < parts; ++p) f(p);
+    return;
   }
-  for (; k < k1; ++k) {
-    const T* __restrict row = w + k * N + n0;
-    for (int64_t c = 0; c < n; c += CHUNK) {
-      const int64_t len = std::min(CHUNK, n - c);
-#pragma omp simd aligned(tmp : 64)
-      for (int64_t j = 0; j < len; ++j) tmp[j] = conv(row[c + j]);
-      for (int64_t m = 0; m < M; ++m) {
-        const float xv = x[m * K + k];
-        float* __restrict a = acc + m * ld + c;
-#pragma omp simd aligned(tmp : 64)
-        for (int64_t j = 0; j < len; ++j) a[j] += xv * tmp[j];
-      }
+  struct Shared {
+    std::atomic<int64_t> next{0}, done{0};
+    int64_t parts;
+    const F* f;
+  };
+  auto s = std::make_shared<Shared>();
+  s->parts = parts;
+  s->f = &f;
+  auto work = [](Shared& sh) {
+    for (int64_t p; (p = sh.next.fetch_add(1)) < sh.parts;) {
+      (*sh.f)(p);
+      sh.done.fetch_add(1, std::memory_order_release);
     }
+  };
+  for (int64_t w = 0; w < workers; ++w) pool->Schedule([s, work] { work(*s); });
+  work(*s);
+  while (s->done.load(std::memory_order_acquire) < parts) {
+#ifdef LLAMA_JAX_AVX512
+    _mm_pause();
+#endif
   }
 }
 
-// int4 rows: byte j of a row segment holds columns 2j (low nibble) and 2j+1 (high nibble); accumulated
-// de-interleaved into ae (even columns) and ao (odd columns) so every loop is unit-stride.
-inline void rows_int4(const float* __restrict x, const uint8_t* __restrict w, int64_t M, int64_t K, int64_t N,
-                      int64_t k0, int64_t k1, int64_t n0, int64_t n, float* __restrict ae, float* __restrict ao,
-                      int64_t ld) {
-  alignas(64) float lo[CHUNK / 2], hi[CHUNK / 2];
-  int64_t k = k0;
-  if (M == 1) {  // four weight rows per pass (see rows_dense)
-    const int64_t hb = n / 2, stride = N / 2;
-    for (; k + 4 <= k1; k += 4) {
-      const uint8_t* __restrict r0 = w + (k * N + n0) / 2;
-      const uint8_t* __restrict r1 = r0 + stride;
-      const uint8_t* __restrict r2 = r1 + stride;
-      const uint8_t* __restrict r3 = r2 + stride;
-      const float x0 = x[k], x1 = x[k + 1], x2 = x[k + 2], x3 = x[k + 3];
-#pragma omp simd
-      for (int64_t j = 0; j < hb; ++j) {  // nibble v (0..15) is the int4 value ((v ^ 8) - 8), on 32-bit lanes
-        const int32_t b0 = r0[j], b1 = r1[j], b2 = r2[j], b3 = r3[j];
-        ae[j] += x0 * static_cast<float>(((b0 & 15) ^ 8) - 8) + x1 * static_cast<float>(((b1 & 15) ^ 8) - 8) +
-                 x2 * static_cast<float>(((b2 & 15) ^ 8) - 8) + x3 * static_cast<float>(((b3 & 15) ^ 8) - 8);
-        ao[j] += x0 * static_cast<float>(((b0 >> 4) ^ 8) - 8) + x1 * static_cast<float>(((b1 >> 4) ^ 8) - 8) +
-                 x2 * static_cast<float>(((b2 >> 4) ^ 8) - 8) + x3 * static_cast<float>(((b3 >> 4) ^ 8) - 8);
+// One product's weight: wt [N, K], its scales (int8/int4) and its output y [M, N]. One call computes
+// several that share the input (q, k, v; gate, up) as one stream of output rows.
+struct Seg {
+  const void* wt;
+  const void* scale;
+  float* y;
+  int64_t N;
+};
+
+// Output rows of all segments in blocks of 4, split into parts for the threads; x rows in chunks that
+// stay in L2. tile(seg, m0, rows, n0) computes rows [m0, m0 + rows) x outputs [n0, n0 + 4) of seg.
+template <typename Tile>
+void for_tiles(ffi::ThreadPool* pool, const std::vector<Seg>& segs, int64_t M, int64_t weight_bytes,
+               int64_t x_row_bytes, const Tile& tile) {
+  std::vector<int64_t> first(segs.size() + 1, 0);  // first block of each segment
+  for (size_t i = 0; i < segs.size(); ++i) first[i + 1] = first[i] + segs[i].N / 4;
+  const int64_t nblocks = first.back();
+  const int64_t threads = weight_bytes < SERIAL_BYTES || !pool ? 1 : std::max<int64_t>(1, pool->num_threads());
+  const int64_t parts = std::min(nblocks, threads * 2);
+  const int64_t mc = std::max<int64_t>(4, X_CACHE / std::max<int64_t>(x_row_bytes, 1) / 4 * 4);
+  for (int64_t m0 = 0; m0 < M; m0 += mc) {
+    const int64_t m1 = std::min(M, m0 + mc);
+    parallel(threads > 1 ? pool : nullptr, parts, [&](int64_t p) {
+      const int64_t b0 = nblocks * p / parts, b1 = nblocks * (p + 1) / parts;
+      size_t i = 0;
+      for (int64_t b = b0; b < b1; ++b) {
+        while (b >= first[i + 1]) ++i;
+        for (int64_t m = m0; m < m1; m += 4) tile(segs[i], m, std::min<int64_t>(4, m1 - m), 4 * (b - first[i]));
       }
-    }
+    });
   }
-  for (; k < k1; ++k) {
-    const uint8_t* __restrict row = w + (k * N + n0) / 2;
-    for (int64_t c = 0; c < n / 2; c += CHUNK / 2) {
-      const int64_t len = std::min(CHUNK / 2, n / 2 - c);
-#pragma omp simd aligned(lo, hi : 64)
-      for (int64_t j = 0; j < len; ++j) {
-        const int8_t b = static_cast<int8_t>(row[c + j]);
-        lo[j] = static_cast<float>(static_cast<int8_t>(b << 4) >> 4);
-        hi[j] = static_cast<float>(b >> 4);
-      }
-      for (int64_t m = 0; m < M; ++m) {
-        const float xv = x[m * K + k];
-        float* __restrict e = ae + m * ld + c;
-        float* __restrict o = ao + m * ld + c;
-#pragma omp simd aligned(lo, hi : 64)
-        for (int64_t j = 0; j < len; ++j) {
-          e[j] += xv * lo[j];
-          o[j] += xv * hi[j];
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Quantized activations: per row m and block b of 128 inputs, scale s = max|x| / 127 and q = rint(x / s).
+// The block's 128 bytes are laid out as two 64-byte halves matching the weight vectors: for int8 inputs
+// [0, 64) and [64, 128); for int4 the even and the odd inputs (the low and high nibbles of a weight
+// byte). Weights enter the integer dot product as unsigned (w + offset: 128 for int8, 8 for int4), so
+// each 32-bit lane starts from -offset · (sum of its 4 + 4 activation bytes).
+struct QuantX {
+  std::vector<int8_t> q;     // [M, K / 128, 128]
+  std::vector<float> s;      // [M, K / 128]
+  std::vector<int32_t> c;    // [M, K / 128, 16]
+
+  QuantX(const float* x, int64_t M, int64_t K, bool nibbles) : q(M * K), s(M * (K / QB)), c(M * (K / QB) * 16) {
+    const int32_t offset = nibbles ? 8 : 128;
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t b = 0; b < K / QB; ++b) {
+        const float* xb = x + m * K + b * QB;
+        float amax = 0.0f;
+        for (int64_t j = 0; j < QB; ++j) amax = std::max(amax, std::fabs(xb[j]));
+        const float scale = amax > 0.0f ? amax / 127.0f : 1.0f;
+        const float inv = 1.0f / scale;
+        int8_t* qb = q.data() + (m * (K / QB) + b) * QB;
+        for (int64_t j = 0; j < QB; ++j) {
+          const int64_t src = nibbles ? (j < 64 ? 2 * j : 2 * (j - 64) + 1) : j;
+          qb[j] = static_cast<int8_t>(std::nearbyint(std::min(127.0f, std::max(-127.0f, xb[src] * inv))));
+        }
+        s[m * (K / QB) + b] = scale;
+        int32_t* cb = c.data() + (m * (K / QB) + b) * 16;
+        for (int lane = 0; lane < 16; ++lane) {
+          int32_t sum = 0;
+          for (int j = 0; j < 4; ++j) sum += qb[4 * lane + j] + qb[64 + 4 * lane + j];
+          cb[lane] = -offset * sum;
         }
       }
+  }
+};
+
+template <typename S>
+inline float scale_f32(S v);
+template <>
+inline float scale_f32<float>(float v) { return v; }
+template <>
+inline float scale_f32<uint16_t>(uint16_t v) { return bf16_to_f32(v); }
+
+#ifdef LLAMA_JAX_AVX512
+// ---------------------------------------------------------------------------------------------------
+// AVX-512 tiles: MR rows of x against 4 weight rows, 16 accumulators at most, all in registers.
+
+template <int MR>
+void tile_f32(const float* x, const float* wt, float* y, int64_t K, int64_t N, int64_t m0, int64_t n0) {
+  __m512 acc[MR][4];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 16) {
+    __m512 w[4];
+    for (int j = 0; j < 4; ++j) w[j] = _mm512_loadu_ps(wt + (n0 + j) * K + k);
+    for (int i = 0; i < MR; ++i) {
+      const __m512 xv = _mm512_loadu_ps(x + (m0 + i) * K + k);
+      for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_fmadd_ps(xv, w[j], acc[i][j]);
     }
   }
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < 4; ++j) y[(m0 + i) * N + n0 + j] = _mm512_reduce_add_ps(acc[i][j]);
 }
 
-// Splits rows [0, K) into `parts` ranges at multiples of `unit`.
-inline void split_rows(int64_t K, int64_t unit, int parts, int t, int64_t* k0, int64_t* k1) {
-  const int64_t units = K / unit, per = (units + parts - 1) / parts;
-  *k0 = std::min(units, t * per) * unit;
-  *k1 = std::min(units, (t + 1) * per) * unit;
+template <int MR>
+void tile_bf16(const uint16_t* x, const uint16_t* wt, float* y, int64_t K, int64_t N, int64_t m0, int64_t n0) {
+  __m512 acc[MR][4];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 32) {
+    __m512bh w[4];
+    for (int j = 0; j < 4; ++j) w[j] = (__m512bh)_mm512_loadu_si512(wt + (n0 + j) * K + k);
+    for (int i = 0; i < MR; ++i) {
+      const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + (m0 + i) * K + k);
+      for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], w[j], xv);
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < 4; ++j) y[(m0 + i) * N + n0 + j] = _mm512_reduce_add_ps(acc[i][j]);
 }
 
-template <typename T, typename Conv>
-void gemv_dense(const float* x, const T* w, const float* col_scale_f32, const uint16_t* col_scale_bf16,
-                float* y, int64_t M, int64_t K, int64_t N, Conv conv) {
-  const int threads = threads_for(K * N * int64_t(sizeof(T)));
-  const int64_t nb = block_cols(M, N);
-  std::vector<float> part(static_cast<size_t>(threads > 1 ? threads * M * nb : 0));
-  for (int64_t n0 = 0; n0 < N; n0 += nb) {
-    const int64_t n = std::min(nb, N - n0);
-    if (threads == 1) {
-      for (int64_t m = 0; m < M; ++m) std::fill(y + m * N + n0, y + m * N + n0 + n, 0.0f);
-      rows_dense(x, w, M, K, N, 0, K, n0, n, y + n0, N, conv);
-    } else {  // each thread a contiguous range of rows into its own accumulators, summed after
-#pragma omp parallel num_threads(threads)
-      {
-        const int t = omp_get_thread_num();
-        int64_t k0, k1;
-        split_rows(K, 1, threads, t, &k0, &k1);
-        float* acc = part.data() + t * M * nb;
-        std::fill(acc, acc + M * nb, 0.0f);
-        rows_dense(x, w, M, K, N, k0, k1, n0, n, acc, nb, conv);
+template <int MR, typename S>
+void tile_int8(const QuantX& xq, const int8_t* wt, const S* scale, float* y, int64_t K, int64_t N, int64_t m0,
+               int64_t n0) {
+  const int64_t nb = K / QB;
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  __m512 acc[MR][4];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    __m512i w0[4], w1[4];
+    for (int j = 0; j < 4; ++j) {
+      const int8_t* r = wt + (n0 + j) * K + b * QB;
+      w0[j] = _mm512_xor_si512(_mm512_loadu_si512(r), flip);
+      w1[j] = _mm512_xor_si512(_mm512_loadu_si512(r + 64), flip);
+    }
+    for (int i = 0; i < MR; ++i) {
+      const int64_t mb = (m0 + i) * nb + b;
+      const int8_t* q = xq.q.data() + mb * QB;
+      const __m512i x0 = _mm512_loadu_si512(q), x1 = _mm512_loadu_si512(q + 64);
+      const __m512i c = _mm512_loadu_si512(xq.c.data() + mb * 16);
+      const __m512 s = _mm512_set1_ps(xq.s[mb]);
+      for (int j = 0; j < 4; ++j) {
+        const __m512i t = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(c, w0[j], x0), w1[j], x1);
+        acc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), s, acc[i][j]);
       }
-      for (int64_t m = 0; m < M; ++m)
-        for (int64_t j = 0; j < n; ++j) {
-          float sum = 0.0f;
-          for (int t = 0; t < threads; ++t) sum += part[t * M * nb + m * nb + j];
-          y[m * N + n0 + j] = sum;
-        }
     }
-    if (col_scale_f32 || col_scale_bf16)
-      for (int64_t m = 0; m < M; ++m)
-        for (int64_t j = 0; j < n; ++j)
-          y[m * N + n0 + j] *= col_scale_f32 ? col_scale_f32[n0 + j] : bf16(col_scale_bf16[n0 + j]);
   }
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < 4; ++j)
+      y[(m0 + i) * N + n0 + j] = _mm512_reduce_add_ps(acc[i][j]) * scale_f32(scale[n0 + j]);
+}
+
+template <int MR, typename S>
+void tile_int4(const QuantX& xq, const uint8_t* wt, const S* scale, int64_t group, float* y, int64_t K, int64_t N,
+               int64_t m0, int64_t n0) {
+  const int64_t nb = K / QB, ng = K / group, per_group = group / QB;
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x88)), low = _mm512_set1_epi8(0x0F);
+  __m512 acc[MR][4];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    __m512i we[4], wo[4];
+    float sw[4];
+    for (int j = 0; j < 4; ++j) {
+      const __m512i v = _mm512_xor_si512(_mm512_loadu_si512(wt + (n0 + j) * (K / 2) + b * 64), flip);
+      we[j] = _mm512_and_si512(v, low);
+      wo[j] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+      sw[j] = scale_f32(scale[(n0 + j) * ng + b / per_group]);
+    }
+    for (int i = 0; i < MR; ++i) {
+      const int64_t mb = (m0 + i) * nb + b;
+      const int8_t* q = xq.q.data() + mb * QB;
+      const __m512i xe = _mm512_loadu_si512(q), xo = _mm512_loadu_si512(q + 64);
+      const __m512i c = _mm512_loadu_si512(xq.c.data() + mb * 16);
+      const float s = xq.s[mb];
+      for (int j = 0; j < 4; ++j) {
+        const __m512i t = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(c, we[j], xe), wo[j], xo);
+        acc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_set1_ps(s * sw[j]), acc[i][j]);
+      }
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < 4; ++j) y[(m0 + i) * N + n0 + j] = _mm512_reduce_add_ps(acc[i][j]);
+}
+
+#define TILE_SWITCH(fn, rows, ...)            \
+  switch (rows) {                             \
+    case 1: fn<1>(__VA_ARGS__); break;        \
+    case 2: fn<2>(__VA_ARGS__); break;        \
+    case 3: fn<3>(__VA_ARGS__); break;        \
+    default: fn<4>(__VA_ARGS__);              \
+  }
+#define TILE_SWITCH_S(fn, S, rows, ...)       \
+  switch (rows) {                             \
+    case 1: fn<1, S>(__VA_ARGS__); break;     \
+    case 2: fn<2, S>(__VA_ARGS__); break;     \
+    case 3: fn<3, S>(__VA_ARGS__); break;     \
+    default: fn<4, S>(__VA_ARGS__);           \
+  }
+#endif
+
+// ---------------------------------------------------------------------------------------------------
+// Products over segments sharing x [M, K]; weight_bytes is their total.
+
+void run_f32(ffi::ThreadPool* pool, const float* x, const std::vector<Seg>& segs, int64_t M, int64_t K, int64_t wb) {
+  for_tiles(pool, segs, M, wb, K * 4, [&](const Seg& g, int64_t m0, int64_t mr, int64_t n0) {
+    const float* wt = static_cast<const float*>(g.wt);
+#ifdef LLAMA_JAX_AVX512
+    TILE_SWITCH(tile_f32, mr, x, wt, g.y, K, g.N, m0, n0)
+#else
+    for (int64_t i = m0; i < m0 + mr; ++i)
+      for (int64_t j = n0; j < n0 + 4; ++j) {
+        float acc = 0.0f;
+        for (int64_t k = 0; k < K; ++k) acc += x[i * K + k] * wt[j * K + k];
+        g.y[i * g.N + j] = acc;
+      }
+#endif
+  });
+}
+
+void run_bf16(ffi::ThreadPool* pool, const uint16_t* x, const std::vector<Seg>& segs, int64_t M, int64_t K,
+              int64_t wb) {
+  for_tiles(pool, segs, M, wb, K * 2, [&](const Seg& g, int64_t m0, int64_t mr, int64_t n0) {
+    const uint16_t* wt = static_cast<const uint16_t*>(g.wt);
+#ifdef LLAMA_JAX_AVX512
+    TILE_SWITCH(tile_bf16, mr, x, wt, g.y, K, g.N, m0, n0)
+#else
+    for (int64_t i = m0; i < m0 + mr; ++i)
+      for (int64_t j = n0; j < n0 + 4; ++j) {
+        float acc = 0.0f;
+        for (int64_t k = 0; k < K; ++k) acc += bf16_to_f32(x[i * K + k]) * bf16_to_f32(wt[j * K + k]);
+        g.y[i * g.N + j] = acc;
+      }
+#endif
+  });
+}
+
+// Portable integer path: the same exact block sums as the vector code.
+template <typename WeightAt>
+float int_dot(const QuantX& xq, int64_t m, int64_t K, const WeightAt& w, int64_t j, const float* block_scale) {
+  const int64_t nb = K / QB;
+  float acc = 0.0f;
+  for (int64_t b = 0; b < nb; ++b) {
+    const int8_t* q = xq.q.data() + (m * nb + b) * QB;
+    int32_t t = 0;
+    for (int64_t i = 0; i < QB; ++i) t += int32_t(q[i]) * w(j, b, i);
+    acc += static_cast<float>(t) * (xq.s[m * nb + b] * block_scale[b]);
+  }
+  return acc;
 }
 
 template <typename S>
-void gemv_int4(const float* x, const uint8_t* w, const S* scale, float* y, int64_t M, int64_t K, int64_t N,
-               int64_t G, float (*sconv)(S)) {
-  const int threads = threads_for(K * N / 2);
-  const int64_t nb = block_cols(M, N), h = nb / 2;  // nb is a multiple of CHUNK: blocks start at even columns
-  std::vector<float> out(static_cast<size_t>(threads * M * nb)), ge(threads * M * h), go(threads * M * h);
-  for (int64_t n0 = 0; n0 < N; n0 += nb) {
-    const int64_t n = std::min(nb, N - n0), hn = n / 2;
-#pragma omp parallel num_threads(threads)
-    {
-      const int t = omp_get_thread_num();
-      int64_t k0, k1;
-      split_rows(K, G, threads, t, &k0, &k1);
-      float* o = out.data() + t * M * nb;
-      float* e = ge.data() + t * M * h;
-      float* od = go.data() + t * M * h;
-      std::fill(o, o + M * nb, 0.0f);
-      for (int64_t g0 = k0; g0 < k1; g0 += G) {
-        std::fill(e, e + M * h, 0.0f);
-        std::fill(od, od + M * h, 0.0f);
-        rows_int4(x, w, M, K, N, g0, g0 + G, n0, n, e, od, h);
-        const S* srow = scale + (g0 / G) * N + n0;
-        for (int64_t m = 0; m < M; ++m)
-          for (int64_t j = 0; j < hn; ++j) {
-            o[m * nb + 2 * j] += e[m * h + j] * sconv(srow[2 * j]);
-            o[m * nb + 2 * j + 1] += od[m * h + j] * sconv(srow[2 * j + 1]);
-          }
-      }
-    }
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t j = 0; j < n; ++j) {
-        float sum = 0.0f;
-        for (int t = 0; t < threads; ++t) sum += out[t * M * nb + m * nb + j];
-        y[m * N + n0 + j] = sum;
-      }
-  }
+void run_int8(ffi::ThreadPool* pool, const float* x, const std::vector<Seg>& segs, int64_t M, int64_t K, int64_t wb) {
+  const QuantX xq(x, M, K, false);
+  for_tiles(pool, segs, M, wb, K, [&](const Seg& g, int64_t m0, int64_t mr, int64_t n0) {
+    const int8_t* wt = static_cast<const int8_t*>(g.wt);
+    const S* scale = static_cast<const S*>(g.scale);
+#ifdef LLAMA_JAX_AVX512
+    TILE_SWITCH_S(tile_int8, S, mr, xq, wt, scale, g.y, K, g.N, m0, n0)
+#else
+    std::vector<float> ones(K / QB, 1.0f);
+    auto w = [&](int64_t j, int64_t b, int64_t i) { return int32_t(wt[j * K + b * QB + i]); };
+    for (int64_t i = m0; i < m0 + mr; ++i)
+      for (int64_t j = n0; j < n0 + 4; ++j)
+        g.y[i * g.N + j] = int_dot(xq, i, K, w, j, ones.data()) * scale_f32(scale[j]);
+#endif
+  });
 }
 
-float f32_id(float v) { return v; }
-float bf16_conv(uint16_t v) { return bf16(v); }
-
-ffi::Error check(const ffi::AnyBuffer& x, const ffi::AnyBuffer& w, const ffi::Result<ffi::AnyBuffer>& y,
-                 int64_t* M, int64_t* K, int64_t* N) {
-  auto xd = x.dimensions(), wd = w.dimensions();
-  if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[0]) return ffi::Error::InvalidArgument("gemv: bad shapes");
-  *M = xd[0];
-  *K = xd[1];
-  *N = wd[1];
-  return ffi::Error::Success();
+template <typename S>
+void run_int4(ffi::ThreadPool* pool, const float* x, const std::vector<Seg>& segs, int64_t group, int64_t M, int64_t K,
+              int64_t wb) {
+  const QuantX xq(x, M, K, true);
+  for_tiles(pool, segs, M, wb, K, [&](const Seg& g, int64_t m0, int64_t mr, int64_t n0) {
+    const uint8_t* wt = static_cast<const uint8_t*>(g.wt);
+    const S* scale = static_cast<const S*>(g.scale);
+#ifdef LLAMA_JAX_AVX512
+    TILE_SWITCH_S(tile_int4, S, mr, xq, wt, scale, group, g.y, K, g.N, m0, n0)
+#else
+    const int64_t nb = K / QB, ng = K / group;
+    std::vector<float> sw(nb);
+    auto w = [&](int64_t j, int64_t b, int64_t i) {  // i < 64: even input 2i of the block, else odd
+      const uint8_t byte = wt[j * (K / 2) + b * 64 + (i & 63)];
+      const int v = i < 64 ? (byte & 15) : (byte >> 4);
+      return int32_t(v >= 8 ? v - 16 : v);
+    };
+    for (int64_t j = n0; j < n0 + 4; ++j) {
+      for (int64_t b = 0; b < nb; ++b) sw[b] = scale_f32(scale[j * ng + b * QB / group]);
+      for (int64_t i = m0; i < m0 + mr; ++i) g.y[i * g.N + j] = int_dot(xq, i, K, w, j, sw.data());
+    }
+#endif
+  });
 }
 
 }  // namespace
 
-// x f32 [M, K], w [K, N] (f32 / bf16 / int8), scale [N] (int8 only; f32 or bf16) -> y f32 [M, N]
-static ffi::Error Gemv(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer scale, ffi::Result<ffi::AnyBuffer> y) {
-  int64_t M, K, N;
-  if (auto e = check(x, w, y, &M, &K, &N); e.failure()) return e;
-  const float* xp = static_cast<const float*>(x.untyped_data());
-  float* yp = static_cast<float*>(y->untyped_data());
-  const float* sf = scale.element_type() == ffi::DataType::F32 && scale.element_count() == N
-                        ? static_cast<const float*>(scale.untyped_data()) : nullptr;
-  const uint16_t* sb = scale.element_type() == ffi::DataType::BF16 && scale.element_count() == N
-                           ? static_cast<const uint16_t*>(scale.untyped_data()) : nullptr;
-  switch (w.element_type()) {
-    case ffi::DataType::F32:
-      gemv_dense(xp, static_cast<const float*>(w.untyped_data()), nullptr, nullptr, yp, M, K, N,
-                 [](float v) { return v; });
-      break;
-    case ffi::DataType::BF16:
-      gemv_dense(xp, static_cast<const uint16_t*>(w.untyped_data()), nullptr, nullptr, yp, M, K, N,
-                 [](uint16_t v) { return bf16(v); });
-      break;
-    case ffi::DataType::S8:
-      gemv_dense(xp, static_cast<const int8_t*>(w.untyped_data()), sf, sb, yp, M, K, N,
-                 [](int8_t v) { return static_cast<float>(v); });
-      break;
-    default:
-      return ffi::Error::InvalidArgument("gemv: weight dtype must be f32, bf16 or s8");
+// x [M, K] (bf16 for bf16 weights, else f32), then per product a weight and its scales, (wt_1, scale_1,
+// wt_2, scale_2, ...), all of one dtype: wt [N_i, K] f32 / bf16 / s8 / s4; scale: none (an empty
+// array) for float weights, [N_i] for s8, [N_i, K / group] for s4 (f32 or bf16). -> y_i f32 [M, N_i].
+static ffi::Error Gemv(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::RemainingArgs args, ffi::RemainingRets rets,
+                       int64_t group) {
+  auto xd = x.dimensions();
+  if (xd.size() != 2 || args.size() == 0 || args.size() != 2 * rets.size())
+    return ffi::Error::InvalidArgument("cpu_gemv: needs x [M, K] and (weight, scale) pairs, one output each");
+  const int64_t M = xd[0], K = xd[1];
+  std::vector<Seg> segs;
+  ffi::DataType wdt = ffi::DataType::INVALID, sdt = ffi::DataType::INVALID;
+  int64_t wb = 0;
+  for (size_t i = 0; i < rets.size(); ++i) {
+    auto wt = args.get<ffi::AnyBuffer>(2 * i), sc = args.get<ffi::AnyBuffer>(2 * i + 1);
+    auto y = rets.get<ffi::AnyBuffer>(i);
+    if (!wt || !sc || !y) return ffi::Error::InvalidArgument("cpu_gemv: bad arguments");
+    auto wd = wt->dimensions();
+    if (wd.size() != 2 || wd[1] != K || wd[0] % 4)
+      return ffi::Error::InvalidArgument("cpu_gemv: each weight must be [N, K] with N % 4 == 0");
+    if (i > 0 && (wt->element_type() != wdt || sc->element_type() != sdt))
+      return ffi::Error::InvalidArgument("cpu_gemv: the weights of one call must share dtypes");
+    wdt = wt->element_type();
+    sdt = sc->element_type();
+    const int64_t N = wd[0];
+    const int64_t want = wdt == ffi::DataType::S8 ? N : wdt == ffi::DataType::S4 ? N * (K / std::max<int64_t>(group, 1)) : 0;
+    if ((wdt == ffi::DataType::S8 || wdt == ffi::DataType::S4) && sc->element_count() != want)
+      return ffi::Error::InvalidArgument("cpu_gemv: scales must be [N] (int8) or [N, K / group] (int4)");
+    segs.push_back({wt->untyped_data(), sc->untyped_data(), static_cast<float*>((*y)->untyped_data()), N});
+    wb += static_cast<int64_t>(wt->size_bytes());
+  }
+  const auto xdt = x.element_type();
+  const bool f32_scales = sdt == ffi::DataType::F32, bf16_scales = sdt == ffi::DataType::BF16;
+  if (wdt == ffi::DataType::F32 && xdt == ffi::DataType::F32 && K % 16 == 0) {
+    run_f32(&pool, static_cast<const float*>(x.untyped_data()), segs, M, K, wb);
+  } else if (wdt == ffi::DataType::BF16 && xdt == ffi::DataType::BF16 && K % 32 == 0) {
+    run_bf16(&pool, static_cast<const uint16_t*>(x.untyped_data()), segs, M, K, wb);
+  } else if (wdt == ffi::DataType::S8 && xdt == ffi::DataType::F32 && K % QB == 0 && (f32_scales || bf16_scales)) {
+    const float* xp = static_cast<const float*>(x.untyped_data());
+    f32_scales ? run_int8<float>(&pool, xp, segs, M, K, wb) : run_int8<uint16_t>(&pool, xp, segs, M, K, wb);
+  } else if (wdt == ffi::DataType::S4 && xdt == ffi::DataType::F32 && group > 0 && group % QB == 0 && K % group == 0 &&
+             (f32_scales || bf16_scales)) {
+    const float* xp = static_cast<const float*>(x.untyped_data());
+    f32_scales ? run_int4<float>(&pool, xp, segs, group, M, K, wb)
+               : run_int4<uint16_t>(&pool, xp, segs, group, M, K, wb);
+  } else {
+    return ffi::Error::InvalidArgument("cpu_gemv: unsupported weight/activation dtypes, K or group");
   }
   return ffi::Error::Success();
 }
 
-// x f32 [M, K], w s4 [K, N] (packed), scale [K / group, N] (f32 or bf16) -> y f32 [M, N]
-static ffi::Error GemvInt4(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer scale, ffi::Result<ffi::AnyBuffer> y,
-                           int64_t group) {
-  int64_t M, K, N;
-  if (auto e = check(x, w, y, &M, &K, &N); e.failure()) return e;
-  if (w.element_type() != ffi::DataType::S4 || N % 2 || group <= 0 || K % group ||
-      scale.element_count() != (K / group) * N)
-    return ffi::Error::InvalidArgument("gemv_int4: needs s4 [K, N] with even N and scales [K/group, N]");
-  const float* xp = static_cast<const float*>(x.untyped_data());
-  const uint8_t* wp = static_cast<const uint8_t*>(w.untyped_data());
-  float* yp = static_cast<float*>(y->untyped_data());
-  if (scale.element_type() == ffi::DataType::F32)
-    gemv_int4<float>(xp, wp, static_cast<const float*>(scale.untyped_data()), yp, M, K, N, group, f32_id);
-  else if (scale.element_type() == ffi::DataType::BF16)
-    gemv_int4<uint16_t>(xp, wp, static_cast<const uint16_t*>(scale.untyped_data()), yp, M, K, N, group, bf16_conv);
-  else
-    return ffi::Error::InvalidArgument("gemv_int4: scales must be f32 or bf16");
-  return ffi::Error::Success();
-}
-
 XLA_FFI_DEFINE_HANDLER_SYMBOL(llama_jax_gemv, Gemv,
-                              ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(llama_jax_gemv_int4, GemvInt4,
-                              ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>().Attr<int64_t>("group"));
+                              ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::AnyBuffer>().RemainingArgs()
+                                  .RemainingRets().Attr<int64_t>("group"));

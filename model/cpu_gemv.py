@@ -1,22 +1,21 @@
-"""Decode-time matrix-vector products on CPU as XLA custom calls (model/cpu_gemv.cc, built on first use).
+"""Dense products on one CPU device as XLA custom calls (model/cpu_gemv.cc, built on first use).
 
 XLA:CPU reads float32 weights at memory speed in a matrix-vector product, but not bfloat16, int8 or
 int4 ones: it first converts the whole weight to float32 (a copy written and read back: 5 to 40 times
 slower, measured on this project's bench shape). These kernels read each weight once in its stored
-format and convert it in registers, so decoding one token costs what reading the weights costs.
+format, with the weight transposed to [out, in] so that every output is a dot product of two
+contiguous rows: bf16 with AVX512-BF16 pair products, int8/int4 with AVX512-VNNI integer dot products
+over activations quantized to int8 per block of 128 inputs (as llama.cpp's CPU kernels do).
 
-They are used only where they apply, and only when asked for (`with cpu_gemv.enabled(): …`, which the
-serving engine does while tracing its step): the platform being compiled for is CPU, one device (the
-custom call has no partitioning rule), a few rows (decode, not prefill), and a Dense layer whose kernel
-is float32, bfloat16, int8 (per-channel scales) or int4 (group scales). Anything else, or a machine
-where the library cannot be built, keeps the XLA path. The library is compiled with the C++ compiler
-found on PATH (`-O3 -march=native -fopenmp`) into ~/.cache/llama-jax (or $LLAMA_JAX_CACHE).
+The serving engine opts in by packing its per-layer weights (`pack`): a packed Dense kernel carries
+`cpu_layout="out_in"` in its metadata and every product of that layer (decode and prefill) goes through
+the kernels. Layers the kernels do not cover (other dtypes, int4 groups not a multiple of 128, sizes
+that do not divide) stay unpacked and use XLA's dot. The library is compiled with the C++ compiler
+found on PATH (`-O3 -march=native`) into ~/.cache/llama-jax (or $LLAMA_JAX_CACHE).
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import ctypes
 import hashlib
 import logging
@@ -28,23 +27,14 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_suffix(".cc")
-MAX_ROWS = 16  # rows (tokens) per call; larger products are compute-bound and stay with XLA
-_ENABLED: contextvars.ContextVar[bool] = contextvars.ContextVar("cpu_gemv", default=False)
+LAYOUT = "out_in"  # metadata value of a packed kernel
+BLOCK = 128  # activation quantization block of the integer kernels
 _STATE: dict = {}
-
-
-@contextlib.contextmanager
-def enabled(on: bool = True):
-    """Within this context (while a step is traced), Dense layers may use the CPU kernels."""
-    token = _ENABLED.set(on)
-    try:
-        yield
-    finally:
-        _ENABLED.reset(token)
 
 
 def _cache_dir() -> Path:
@@ -59,8 +49,8 @@ def build() -> Path:
     cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
     if cxx is None:
         raise RuntimeError("no C++ compiler on PATH (g++, c++ or clang++)")
-    flags = ["-O3", "-march=native", "-fopenmp", "-std=c++17", "-shared", "-fPIC", "-w",
-             *os.environ.get("LLAMA_JAX_GEMV_FLAGS", "").split()]  # e.g. -DPANEL=128 (tuning)
+    flags = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w",
+             *os.environ.get("LLAMA_JAX_GEMV_FLAGS", "").split()]
     src = SOURCE.read_bytes()
     key = hashlib.sha256(src + " ".join([cxx, *flags, jaxlib.__version__]).encode()).hexdigest()[:16]
     out = _cache_dir() / f"cpu_gemv-{key}.so"
@@ -81,8 +71,6 @@ def available() -> bool:
         try:
             lib = ctypes.cdll.LoadLibrary(str(build()))
             jax.ffi.register_ffi_target("llama_jax_gemv", jax.ffi.pycapsule(lib.llama_jax_gemv), platform="cpu")
-            jax.ffi.register_ffi_target("llama_jax_gemv_int4", jax.ffi.pycapsule(lib.llama_jax_gemv_int4),
-                                        platform="cpu")
             _STATE.update(ok=True, lib=lib)
         except Exception as e:  # no compiler, unsupported platform: XLA's path it is
             log.warning("CPU matrix-vector kernels unavailable, using XLA's dot: %s", e)
@@ -90,53 +78,73 @@ def available() -> bool:
     return _STATE["ok"]
 
 
-def _on_one_cpu() -> bool:
-    from sharding.rules import active_mesh
-
-    mesh = active_mesh()
-    if mesh is not None:
-        return mesh.devices.size == 1 and mesh.devices.flat[0].platform == "cpu"
-    return jax.default_backend() == "cpu"
-
-
-def gemv(x2, w2, scale2=None, group: int = 0):
-    """y [M, N] float32 = x [M, K] · w [K, N] (w float32, bfloat16, int8 with scale [N], or int4 with
-    scale [K / group, N]); the custom call itself, for tests and benchmarks."""
+def gemv(x2, weights, group: int = 0) -> list[jax.Array]:
+    """[x [M, K] · wtᵀ for wt, scale in weights], float32 [M, N]: one call for products sharing x. wt [N, K]
+    is float32, bfloat16 (x is cast to it), int8 with scale [N] or int4 with scale [N, K / group]."""
     if not available():
-        raise RuntimeError("the CPU matrix-vector kernels could not be built (see the log)")
-    M, N = x2.shape[0], w2.shape[1]
-    out = jax.ShapeDtypeStruct((M, N), jnp.float32)
-    s = jnp.zeros((0,), jnp.float32) if scale2 is None else scale2
-    if w2.dtype == jnp.int4:
-        return jax.ffi.ffi_call("llama_jax_gemv_int4", out)(x2.astype(jnp.float32), w2, s, group=int(group))
-    return jax.ffi.ffi_call("llama_jax_gemv", out)(x2.astype(jnp.float32), w2, s)
+        raise RuntimeError("the CPU kernels could not be built (see the log)")
+    x_dtype = jnp.bfloat16 if weights[0][0].dtype == jnp.bfloat16 else jnp.float32
+    args = [a for wt, scale in weights for a in (wt, jnp.zeros((0,), jnp.float32) if scale is None else scale)]
+    outs = [jax.ShapeDtypeStruct((x2.shape[0], wt.shape[0]), jnp.float32) for wt, _ in weights]
+    return jax.ffi.ffi_call("llama_jax_gemv", outs)(x2.astype(x_dtype), *args, group=int(group))
 
 
-def dense(layer, x: jax.Array) -> jax.Array | None:
-    """The base product of `layer` (a model.layers.Dense) for input x, or None when the kernels do not
-    apply (see the module docstring). LoRA, if any, is added by the caller as usual."""
-    if not _ENABLED.get():
-        return None
-    n_in = len(layer.in_shape)
-    prefix = x.shape[:x.ndim - n_in]
-    M, K, N = math.prod(prefix), math.prod(layer.in_shape), math.prod(layer.out_shape)
-    if M > MAX_ROWS or not _on_one_cpu():
-        return None
-    kernel = layer.kernel[...]
-    qc = layer.quant
-    scale, group = None, 0
+def _dims(layer) -> tuple[int, int]:
+    return math.prod(layer.in_shape), math.prod(layer.out_shape)
+
+
+def supports(layer) -> bool:
+    """Whether the kernels cover this Dense layer (one layer's kernel, no `layers` axis)."""
+    K, N = _dims(layer)
+    kernel, qc = layer.kernel[...], layer.quant
+    if kernel.ndim != len(layer.in_shape) + len(layer.out_shape) or N % 4:
+        return False
     if qc is None:
-        if kernel.dtype not in (jnp.float32, jnp.bfloat16):
-            return None
-    elif kernel.dtype == jnp.int8 and not qc.group_size:
-        scale = layer.scale[...].reshape(N)
-    elif kernel.dtype == jnp.int4 and qc.group_size and N % 2 == 0:
-        scale, group = layer.scale[...].reshape(K // qc.group_size, N), qc.group_size
-    else:
+        if kernel.dtype != layer.compute_dtype:
+            return False
+        return (kernel.dtype == jnp.float32 and K % 16 == 0) or (kernel.dtype == jnp.bfloat16 and K % 32 == 0)
+    if layer.scale[...].dtype not in (jnp.float32, jnp.bfloat16):
+        return False
+    if kernel.dtype == jnp.int8:
+        return not qc.group_size and K % BLOCK == 0
+    return kernel.dtype == jnp.int4 and qc.group_size % BLOCK == 0 and K % qc.group_size == 0
+
+
+def is_packed(layer) -> bool:
+    return layer.kernel.get_metadata().get("cpu_layout") == LAYOUT
+
+
+def pack(graphdef, state):
+    """`state` with every Dense kernel the kernels support transposed to [out, in] and marked (int4 scales
+    to [out, in / group]); the arrays are new, the input state is left as it was."""
+    from model.layers import Dense
+
+    module = nnx.merge(graphdef, state, copy=True)
+    for _, node in nnx.iter_graph(module):
+        if isinstance(node, Dense) and not is_packed(node) and supports(node):
+            K, N = _dims(node)
+            meta = node.kernel.get_metadata()
+            node.kernel = nnx.Param(jnp.asarray(node.kernel[...]).reshape(K, N).T.copy(), **{**meta, "cpu_layout": LAYOUT})
+            if node.quant is not None and node.quant.group_size:
+                smeta = node.scale.get_metadata()
+                node.scale = nnx.Param(node.scale[...].reshape(K // node.quant.group_size, N).T.copy(), **smeta)
+    return nnx.split(module)[1]
+
+
+def dense(layers, x: jax.Array) -> list[jax.Array] | None:
+    """The base products of Dense `layers` that share input x, in one call, when all their kernels are
+    packed alike; else None (XLA's dot). LoRA, if any, is added by the caller as usual."""
+    first = layers[0]
+    if not all(is_packed(d) and d.kernel[...].dtype == first.kernel[...].dtype and d.in_shape == first.in_shape
+               and (d.quant.group_size if d.quant else 0) == (first.quant.group_size if first.quant else 0)
+               for d in layers):
         return None
-    if scale is not None and scale.dtype not in (jnp.float32, jnp.bfloat16):
-        scale = scale.astype(jnp.float32)
-    if not available():
-        return None
-    y = gemv(x.reshape(M, K), kernel.reshape(K, N), scale, group)
-    return y.astype(layer.compute_dtype).reshape(*prefix, *layer.out_shape)
+    prefix = x.shape[:x.ndim - len(first.in_shape)]
+    K = math.prod(first.in_shape)
+    weights = []
+    for d in layers:
+        N = math.prod(d.out_shape)
+        scale = None if d.quant is None else d.scale[...].reshape(N, -1) if d.quant.group_size else d.scale[...].reshape(N)
+        weights.append((d.kernel[...], scale))
+    ys = gemv(x.reshape(math.prod(prefix), K), weights, first.quant.group_size if first.quant else 0)
+    return [y.astype(d.compute_dtype).reshape(*prefix, *d.out_shape) for d, y in zip(layers, ys)]

@@ -60,18 +60,24 @@ class Dense(nnx.Module):
             lora.add_adapters(self, cfg.lora, self.in_shape, self.out_shape, axes[:n], axes[n:], layers, rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = x.astype(self.compute_dtype)
-        y = cpu_gemv.dense(self, x)  # decode on CPU: custom kernels, only where the serving engine enables them
-        if y is not None:
-            pass
-        elif self.quant is not None:
-            y = quant.matmul(x, self.kernel[...], self.scale[...], self.quant, self.in_shape, self.out_shape,
-                             self.compute_dtype)
-        else:
-            y = jnp.einsum(self.eq, x, self.kernel[...].astype(self.compute_dtype))
-        if self.has_lora:
-            y = y + lora.delta(self, x, self.eq)
-        return y
+        return project(x, self)[0]
+
+    def base(self, x: jax.Array) -> jax.Array:
+        """The product with the base weight (no LoRA) of x already in the compute dtype."""
+        if self.quant is not None:
+            return quant.matmul(x, self.kernel[...], self.scale[...], self.quant, self.in_shape, self.out_shape,
+                                self.compute_dtype)
+        return jnp.einsum(self.eq, x, self.kernel[...].astype(self.compute_dtype))
+
+
+def project(x: jax.Array, *layers: Dense) -> list[jax.Array]:
+    """[layer(x) for layer in layers] for Dense layers sharing their input (q, k, v; gate, up): with kernels
+    the serving engine packed for model/cpu_gemv.cc, one call computes them all."""
+    x = x.astype(layers[0].compute_dtype)
+    ys = cpu_gemv.dense(layers, x)
+    if ys is None:
+        ys = [d.base(x) for d in layers]
+    return [y + lora.delta(d, x, d.eq) if d.has_lora else y for d, y in zip(layers, ys)]
 
 
 class RMSNorm(nnx.Module):

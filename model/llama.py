@@ -14,7 +14,7 @@ from jax.ad_checkpoint import checkpoint_name as name
 from model import kv_cache, lora
 from model.attention import attend, choose
 from model.config import LlamaConfig
-from model.layers import Dense, Embed, RMSNorm, apply_rope, rope_frequencies
+from model.layers import Dense, Embed, RMSNorm, apply_rope, project, rope_frequencies
 from sharding.rules import constrain
 
 # Remat policies by config name. Names given with `checkpoint_name` below: "attn_proj" marks the
@@ -41,9 +41,10 @@ class Attention(nnx.Module):
                  cache: kv_cache.LayerCache | None = None):
         """With `cache`, this step's keys/values are written to it first and the queries attend over the
         cached positions; returns (output, updated cache)."""
-        q = constrain(name(self.q(x_BTD), "attn_proj"), ("batch", "length", "heads", "head_dim"))
-        k = constrain(name(self.k(x_BTD), "attn_proj"), ("batch", "length", "kv_heads", "head_dim"))
-        v = constrain(name(self.v(x_BTD), "attn_proj"), ("batch", "length", "kv_heads", "head_dim"))
+        q, k, v = project(x_BTD, self.q, self.k, self.v)
+        q = constrain(name(q, "attn_proj"), ("batch", "length", "heads", "head_dim"))
+        k = constrain(name(k, "attn_proj"), ("batch", "length", "kv_heads", "head_dim"))
+        v = constrain(name(v, "attn_proj"), ("batch", "length", "kv_heads", "head_dim"))
         q, k = apply_rope(q, positions_BT, inv_freq), apply_rope(k, positions_BT, inv_freq)
         if cache is not None:
             k_BSKH, v_BSKH, k_pos, k_seg, new_cache = cache.update(k, v)
@@ -64,7 +65,8 @@ class MLP(nnx.Module):
         self.down = Dense("down", "BTF,FD->BTD", (F,), (D,), ("mlp", "embed"), **kw)
 
     def __call__(self, x_BTD):
-        h = jax.nn.silu(name(self.gate(x_BTD), "mlp_in")) * name(self.up(x_BTD), "mlp_in")
+        gate, up = project(x_BTD, self.gate, self.up)
+        h = jax.nn.silu(name(gate, "mlp_in")) * name(up, "mlp_in")
         return self.down(constrain(h, ("batch", "length", "mlp")))
 
 

@@ -22,9 +22,10 @@ bucket, never per request; `compiled_shapes` lists the buckets seen.
 
 Weights: on accelerators the step scans over the stacked layer weights (compile time independent of
 depth). On one CPU device (`layout` auto) the engine keeps per-layer copies and unrolls the loop, and
-Dense layers use model/cpu_gemv.cc for the decode products: XLA:CPU copies each layer's slice out of
-a stacked weight and converts 16-bit and integer weights to float32 before a dot, which made decoding
-several times slower than the weight read itself (bench/serve.py, BENCHMARKS.md).
+packs the Dense kernels for model/cpu_gemv.cc, which then runs every product (decode and prefill):
+XLA:CPU copies each layer's slice out of a stacked weight and converts 16-bit and integer weights to
+float32 before a dot, which made decoding several times slower than the weight read itself
+(bench/serve.py, BENCHMARKS.md).
 
 Events (`Event`) go to each request's `emit` callback from the engine thread: text deltas (complete
 UTF-8 only; text that may be the start of a stop string is held back until it is known not to be),
@@ -164,8 +165,12 @@ class Engine:
         self._cache_shardings = kv_cache.shardings(self.cache, model.mesh, self.rules)
         one_cpu = model.mesh.devices.size == 1 and model.mesh.devices.flat[0].platform == "cpu"
         self.layout = cfg.layout if cfg.layout != "auto" else ("unrolled" if one_cpu else "scan")
-        self.cpu_kernels = cfg.cpu_kernels and one_cpu and cpu_gemv.available()
+        self.cpu_kernels = cfg.cpu_kernels and one_cpu and self.layout == "unrolled" and cpu_gemv.available()
         self.weights = unstack(model.state) if self.layout == "unrolled" else (model.state, None)
+        if self.cpu_kernels:
+            self.weights = pack_for_cpu(model.graphdef, *self.weights)
+        # The step takes the weights as a flat list: flattening nnx Variables at every call costs ~1 ms.
+        self._weight_leaves, self._weight_tree = jax.tree.flatten(self.weights)
         self._step = jax.jit(_bind_step(self), static_argnums=(12, 13), donate_argnums=(1,),
                              out_shardings=(None, None, None, None, self._cache_shardings))
         self.compiled_shapes: set[tuple[int, int, int, int]] = set()
@@ -387,7 +392,7 @@ class Engine:
             self.compiled_shapes.add(shape)
             log.info("compiling step for batch %d x %d tokens, attention over %d positions%s", *shape[:3],
                      f", top {num_top} logprobs" if num_top else "")
-        out = self._step(self.weights, self.cache, tokens, positions, segments, rows, last, t, k, p, s, c,
+        out = self._step(self._weight_leaves, self.cache, tokens, positions, segments, rows, last, t, k, p, s, c,
                          kv_len, num_top)
         tok, lp, top_ids, top_lp, self.cache = out
         return np.asarray(tok), np.asarray(lp), np.asarray(top_ids), np.asarray(top_lp)
@@ -493,15 +498,24 @@ def unstack(state: nnx.State) -> tuple[nnx.State, tuple[nnx.State, ...]]:
     return rest, tuple(jax.tree.map(lambda a, i=i: a[i], layers) for i in range(n))
 
 
+def pack_for_cpu(graphdef, rest: nnx.State, layers: tuple[nnx.State, ...]):
+    """The unrolled weights with the Dense kernels model/cpu_gemv.cc covers packed for it."""
+    top = nnx.merge(graphdef, nnx.State({**rest, "layers": layers[0]}))
+    block_graphdef = nnx.split(top.layers)[0]
+    packed = cpu_gemv.pack(graphdef, nnx.State({**rest, "layers": layers[0]}))
+    rest = nnx.State({k: v for k, v in packed.items() if k != "layers"})
+    return rest, tuple(cpu_gemv.pack(block_graphdef, layer) for layer in layers)
+
+
 def step_fn(graphdef, mesh, rules, weights, cache, tokens, positions, segments, rows, last, temperature, top_k, top_p,
-            seeds, counters, kv_len, num_top, cpu_kernels: bool = False):
+            seeds, counters, kv_len, num_top):
     """The engine's one step (prefill chunk or decode): writes the new tokens' keys/values to `cache`, samples
     one token per row at `last`; returns (tokens, their log-probs, top ids, top log-probs, cache).
     `weights` is (state, None) or, unrolled, (state without the blocks, per-layer block states)."""
     state, layers = weights
     if layers is not None:  # the module needs a `layers` entry to be built; the loop uses `layers`
         state = nnx.State({**state, "layers": layers[0]})
-    with use_mesh(mesh, rules), cpu_gemv.enabled(cpu_kernels):
+    with use_mesh(mesh, rules):
         module = nnx.merge(graphdef, state)
         update = kv_cache.CacheUpdate(cache, rows, kv_len, layers)
         logits, cache = module(tokens, positions, segments, cache=update, logits_at=last)
@@ -510,9 +524,9 @@ def step_fn(graphdef, mesh, rules, weights, cache, tokens, positions, segments, 
 
 
 def _bind_step(engine: Engine):
-    def fn(weights, cache, tokens, positions, segments, rows, last, temperature, top_k, top_p, seeds, counters,
+    def fn(weight_leaves, cache, tokens, positions, segments, rows, last, temperature, top_k, top_p, seeds, counters,
            kv_len, num_top):
+        weights = jax.tree.unflatten(engine._weight_tree, weight_leaves)
         return step_fn(engine.model.graphdef, engine.model.mesh, engine.rules, weights, cache, tokens, positions,
-                       segments, rows, last, temperature, top_k, top_p, seeds, counters, kv_len, num_top,
-                       engine.cpu_kernels)
+                       segments, rows, last, temperature, top_k, top_p, seeds, counters, kv_len, num_top)
     return fn

@@ -3,6 +3,7 @@ requests of different lengths decoded together; continuous batching, chunked pre
 stops, sampling, log-probs, int8 KV cache, quantized weights and LoRA adapters (PEFT as the oracle)."""
 
 import jax
+from flax import nnx
 import numpy as np
 import pytest
 
@@ -221,16 +222,34 @@ def test_int8_kv_cache(hf, one_device):
         assert agree >= 14, (r["token_ids"], ref)
 
 
-@pytest.mark.parametrize("dtype,quant", [("float32", "int8"), ("float32", "int4-g32"), ("bfloat16", None)])
-def test_quantized_weights(hf, one_device, dtype, quant):
+@pytest.mark.parametrize("dtype,quant,wide", [("float32", "int8", False), ("float32", "int8", True),
+                                             ("float32", "int4-g32", False), ("float32", "int4", True),
+                                             ("bfloat16", None, False)])
+def test_quantized_weights(hf, hf_checkpoint, one_device, dtype, quant, wide):
     """The engine over int8/int4/bf16 weights gives the tokens of the same model run without a cache (XLA's
-    dot). On one CPU device the engine runs unrolled layers with model/cpu_gemv.cc and a 16-bit cache as bits."""
+    dot). On one CPU device the engine runs unrolled layers with model/cpu_gemv.cc (`wide`: dims that the
+    integer kernels take; otherwise those layers stay with XLA) and a 16-bit cache as bits."""
     from model import cpu_gemv
+    from model.layers import Dense
 
-    m = model.load(hf[0], dtype=dtype, quant=quant, mesh=one_device)
+    path = hf_checkpoint(dim=128, mlp=256, heads=4, kv_heads=2, head_dim=32)[0] if wide else hf[0]
+    m = model.load(path, dtype=dtype, quant=quant, mesh=one_device)
     e = Engine(m, ByteTokenizer(), EngineConfig(**{**CFG.__dict__, "max_slots": 2}))
     assert e.layout == "unrolled" and e.cpu_kernels == cpu_gemv.available()
+    if e.cpu_kernels:
+        block_gd = nnx.split(nnx.merge(m.graphdef, nnx.State({**e.weights[0], "layers": e.weights[1][0]})).layers)[0]
+        layer = nnx.merge(block_gd, e.weights[1][0])
+        packed = [cpu_gemv.is_packed(d) for _, d in nnx.iter_graph(layer) if isinstance(d, Dense)]
+        assert all(packed) if (wide or quant is None) else not any(packed), packed
     ps = prompts([14, 14], seed=10)
+    if wide and e.cpu_kernels:  # int8 activations in the integer kernels: the same distribution, not bits
+        res = e.generate(ps, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=0))
+        for p, r in zip(ps, res):  # XLA's float-activation logits along the engine's own greedy path
+            ref = np.asarray(jax.nn.log_softmax(m(np.array([p + r["token_ids"][:-1]]))[0, len(p) - 1:], axis=-1))
+            want = ref[np.arange(12), r["token_ids"]]
+            assert np.abs(np.array([t.logprob for t in r["logprobs"]]) - want).max() < 0.1  # measured <= 0.051
+            assert (want >= ref.max(-1) - 0.1).all()  # each greedy token is (near) the reference argmax
+        return
     res = e.generate(ps, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))
     ref = m.greedy(np.array(ps), 12)  # full recompute, no cache: one compile for both rows
     if dtype == "float32":
@@ -332,23 +351,41 @@ def test_compile_only_local(capsys):
 
 @pytest.mark.parametrize("fmt", ["float32", "bfloat16", "int8", "int4"])
 def test_cpu_gemv_kernels(fmt):
-    """model/cpu_gemv.cc against numpy on the same (dequantized) weights, with ragged panels and row counts."""
+    """model/cpu_gemv.cc against numpy: float kernels on the same weights; integer kernels against the
+    arithmetic they implement (activations quantized per block of 128 inputs, exact integer sums),
+    several products in one call, row counts across the 4-row tiles and the L2 chunking of x."""
     from model import cpu_gemv, quant
 
     if not cpu_gemv.available():
         pytest.skip("no C++ compiler: the engine uses XLA's dot instead")
     rng = np.random.default_rng(0)
-    K, N = 256, 200  # N is not a multiple of the panel width
-    w = rng.standard_normal((K, N)).astype(np.float32) * 0.1
+    K, Ns = 512, (200, 64)
+    ws = [rng.standard_normal((K, N)).astype(np.float32) * 0.1 for N in Ns]
     if fmt in ("float32", "bfloat16"):
-        args, group = (jax.numpy.asarray(w, fmt),), 0
-        dense_w = np.asarray(args[0].astype(np.float32))
+        packed = [(jax.numpy.asarray(w.T, fmt), None) for w in ws]
+        dense_ws = [np.asarray(wt.astype(np.float32)).T for wt, _ in packed]
+        group = 0
     else:
-        qc = quant.QuantConfig(bits=8 if fmt == "int8" else 4, group_size=0 if fmt == "int8" else 64)
-        q, s = quant.quantize(jax.numpy.asarray(w), qc, (K,), (N,))
-        args, group = (q, s.reshape(-1, N) if qc.group_size else s), qc.group_size
-        dense_w = np.asarray(quant.dequantize(q, s, qc, (K,), (N,)))
-    f = jax.jit(lambda x, *a: cpu_gemv.gemv(x, *a, group=group))
-    for M in (1, 5, 17):
+        qc = quant.QuantConfig(bits=8 if fmt == "int8" else 4, group_size=0 if fmt == "int8" else 256)
+        packed, dense_ws = [], []
+        for w, N in zip(ws, Ns):
+            q, s = quant.quantize(jax.numpy.asarray(w), qc, (K,), (N,))
+            packed.append((q.reshape(K, N).T, s.reshape(N) if fmt == "int8" else s.reshape(K // 256, N).T))
+            dense_ws.append(np.asarray(quant.dequantize(q, s, qc, (K,), (N,)), np.float32))
+        group = qc.group_size
+    f = jax.jit(lambda x, p: cpu_gemv.gemv(x, p, group))
+    for M in (1, 5, 17, 300):
         x = rng.standard_normal((M, K)).astype(np.float32)
-        np.testing.assert_allclose(np.asarray(f(x, *args)), x @ dense_w, rtol=1e-4, atol=1e-4)
+        if fmt == "bfloat16":
+            x = np.asarray(jax.numpy.asarray(x, "bfloat16").astype(np.float32))
+        xin = x
+        if fmt in ("int8", "int4"):  # the quantized activations the kernels compute with
+            xb = x.reshape(M, K // 128, 128)
+            s = np.abs(xb).max(-1, keepdims=True) / np.float32(127)
+            xin = (np.rint(np.clip(xb * (np.float32(1) / s), -127, 127)) * s).reshape(M, K)
+            # and what that costs against float activations: well under a percent of the output scale
+            y = np.asarray(f(x, packed)[0])
+            assert np.abs(y - x @ dense_ws[0]).max() < 0.02 * np.abs(x @ dense_ws[0]).max()
+        for y, w in zip(f(x, packed), dense_ws):
+            ref = xin @ w
+            np.testing.assert_allclose(np.asarray(y), ref, rtol=0, atol=2e-5 * np.abs(ref).max() + 1e-6)
