@@ -51,7 +51,7 @@ def sample(logits_BV, temperature_B, top_k_B, top_p_B, seed_B, counter_B, num_to
     """-> (tokens [B] int32, logprob of each token [B], top ids [B, num_top], top logprobs [B, num_top])."""
     logits = logits_BV.astype(jnp.float32)
     logprobs = jax.nn.log_softmax(logits, axis=-1)
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    greedy = first_argmax(logits)
     sampled_rows = temperature_B > 0
 
     def draw():
@@ -79,6 +79,15 @@ def sample(logits_BV, temperature_B, top_k_B, top_p_B, seed_B, counter_B, num_to
         top_lp = jnp.zeros((logits.shape[0], 0), jnp.float32)
         top_ids = jnp.zeros((logits.shape[0], 0), jnp.int32)
     return tokens, chosen, top_ids.astype(jnp.int32), top_lp
+
+
+def first_argmax(x_BV):
+    """jnp.argmax (the first index of the largest value) in two plain reductions: XLA:CPU's variadic
+    argmax reduce takes ~0.2 ms over a 32k vocabulary, this ~0.03 ms."""
+    V = x_BV.shape[-1]
+    top = jnp.max(x_BV, axis=-1, keepdims=True)
+    first = jnp.min(jnp.where(x_BV == top, jnp.arange(V, dtype=jnp.int32), V), axis=-1)
+    return jnp.minimum(first, V - 1).astype(jnp.int32)  # NaN rows: the last index rather than out of range
 
 
 def host_arrays(params: list[SamplingParams | None], seeds: list[int], counters: list[int]):
