@@ -128,9 +128,10 @@ class CacheUpdate:
     rows: jax.Array
     kv_len: int
     layer_params: tuple | None = None
+    cpu_kernels: bool = False  # attention by model/cpu_attention.cc (one CPU device; float32/bf16 caches)
 
     def layer(self, cache: KVCache, layer, positions_BT, segments_BT) -> LayerCache:
-        return LayerCache(cache, layer, self.rows, positions_BT, segments_BT, self.kv_len)
+        return LayerCache(cache, layer, self.rows, positions_BT, segments_BT, self.kv_len, self.cpu_kernels)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,10 +144,23 @@ class LayerCache:
     positions: jax.Array  # [B, T]
     segments: jax.Array  # [B, T]; 0 = padding (not written)
     kv_len: int
+    cpu_kernels: bool = False
 
-    def update(self, k_BTKH, v_BTKH):
-        """Writes this step's keys/values, then returns (k [B,S,K,H], v, k_pos [B,S], k_seg [B,S], cache)
-        over the first kv_len positions of each row's slot."""
+    def attend(self, q_BTNH, k_BTKH, v_BTKH, impl: str):
+        """Writes this step's keys/values, then attends q over the first kv_len positions of each row's
+        slot; returns (output [B, T, N, H], updated cache)."""
+        from model import cpu_kernels
+        from model.attention import attend
+
+        if self.cpu_kernels and cpu_kernels.attention_applies(self.cache):
+            c = self.write(k_BTKH, v_BTKH)
+            out = cpu_kernels.attention(q_BTNH, c, self.layer, self.rows, self.positions, self.segments, self.kv_len)
+            return out, c
+        k, v, k_pos, k_seg, c = self.update(k_BTKH, v_BTKH)
+        return attend(q_BTNH, k, v, q_pos=self.positions, k_pos=k_pos, q_seg=self.segments, k_seg=k_seg, impl=impl), c
+
+    def write(self, k_BTKH, v_BTKH) -> KVCache:
+        """The cache with this step's keys/values written (padding tokens are not)."""
         c, i, rows, S = self.cache, self.layer, self.rows, self.cache.length
         write = jnp.where(self.segments > 0, self.positions, S)  # S is out of bounds: dropped
         r = rows[:, None]
@@ -158,15 +172,21 @@ class LayerCache:
                 new = jax.lax.bitcast_convert_type(new.astype(c.dtype), jnp.uint16)
             return buf.at[i, r, write].set(new.astype(buf.dtype), mode="drop")
 
+        if c.quantized:
+            (kq, ks), (vq, vs) = _quantize(k_BTKH), _quantize(v_BTKH)
+            return KVCache(put(c.k, kq), put(c.v, vq), put(c.k_scale, ks), put(c.v_scale, vs), dtype=c.dtype)
+        return KVCache(put(c.k, k_BTKH), put(c.v, v_BTKH), dtype=c.dtype)
+
+    def update(self, k_BTKH, v_BTKH):
+        """Writes this step's keys/values, then returns (k [B,S,K,H], v, k_pos [B,S], k_seg [B,S], cache)
+        over the first kv_len positions of each row's slot."""
+        c, i, rows = self.write(k_BTKH, v_BTKH), self.layer, self.rows
+        bits = c.k.dtype == jnp.uint16
+
         def get(buf, like):
             x = buf[i, rows, :self.kv_len]
             return (jax.lax.bitcast_convert_type(x, jnp.dtype(c.dtype)) if bits else x).astype(like.dtype)
 
-        if c.quantized:
-            (kq, ks), (vq, vs) = _quantize(k_BTKH), _quantize(v_BTKH)
-            c = KVCache(put(c.k, kq), put(c.v, vq), put(c.k_scale, ks), put(c.v_scale, vs), dtype=c.dtype)
-        else:
-            c = KVCache(put(c.k, k_BTKH), put(c.v, v_BTKH), dtype=c.dtype)
         n = self.kv_len
         if c.quantized:
             k = (c.k[i, rows, :n].astype(jnp.float32) * c.k_scale[i, rows, :n][..., None]).astype(k_BTKH.dtype)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from model import cpu_gemv, lora, quant
+from model import cpu_kernels, lora, quant
 from model.config import LlamaConfig
 
 # Logical names are metadata only: shardings are derived from them explicitly (sharding/rules.py).
@@ -74,7 +74,7 @@ def project(x: jax.Array, *layers: Dense) -> list[jax.Array]:
     """[layer(x) for layer in layers] for Dense layers sharing their input (q, k, v; gate, up): with kernels
     the serving engine packed for model/cpu_gemv.cc, one call computes them all."""
     x = x.astype(layers[0].compute_dtype)
-    ys = cpu_gemv.dense(layers, x)
+    ys = cpu_kernels.dense(layers, x)
     if ys is None:
         ys = [d.base(x) for d in layers]
     return [y + lora.delta(d, x, d.eq) if d.has_lora else y for d, y in zip(layers, ys)]

@@ -47,9 +47,7 @@ class Attention(nnx.Module):
         v = constrain(name(v, "attn_proj"), ("batch", "length", "kv_heads", "head_dim"))
         q, k = apply_rope(q, positions_BT, inv_freq), apply_rope(k, positions_BT, inv_freq)
         if cache is not None:
-            k_BSKH, v_BSKH, k_pos, k_seg, new_cache = cache.update(k, v)
-            out = attend(q, k_BSKH, v_BSKH, q_pos=positions_BT, k_pos=k_pos, q_seg=segments_BT, k_seg=k_seg,
-                         impl=self.impl)
+            out, new_cache = cache.attend(q, k, v, self.impl)
             return self.o(constrain(out, ("batch", "length", "heads", "head_dim"))), new_cache
         out = attend(q, k, v, q_pos=positions_BT, k_pos=positions_BT, q_seg=segments_BT, k_seg=segments_BT,
                      impl=self.impl, causal_self=not packed)

@@ -42,7 +42,7 @@ class EngineConfig:
     warmup: bool = False  # compile every decode bucket before serving
     seed: int = 0  # seeds requests that bring none
     layout: str = "auto"  # scan (stacked layers) | unrolled (per-layer weights) | auto: unrolled on one CPU
-    cpu_kernels: bool = True  # decode matrix-vector products on CPU with model/cpu_gemv.cc (one CPU device)
+    cpu_kernels: bool = True  # one CPU device: products and cache attention with model/cpu_*.cc
 
     def __post_init__(self):
         for name in ("max_slots", "max_len", "prefill_chunk", "prefill_tokens", "min_kv_bucket"):

@@ -48,7 +48,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from model import cpu_gemv, kv_cache
+from model import cpu_kernels, kv_cache
 from model.api import Model
 from serve import sampling
 from serve.config import EngineConfig
@@ -165,7 +165,7 @@ class Engine:
         self._cache_shardings = kv_cache.shardings(self.cache, model.mesh, self.rules)
         one_cpu = model.mesh.devices.size == 1 and model.mesh.devices.flat[0].platform == "cpu"
         self.layout = cfg.layout if cfg.layout != "auto" else ("unrolled" if one_cpu else "scan")
-        self.cpu_kernels = cfg.cpu_kernels and one_cpu and self.layout == "unrolled" and cpu_gemv.available()
+        self.cpu_kernels = cfg.cpu_kernels and one_cpu and self.layout == "unrolled" and cpu_kernels.available()
         self.weights = unstack(model.state) if self.layout == "unrolled" else (model.state, None)
         if self.cpu_kernels:
             self.weights = pack_for_cpu(model.graphdef, *self.weights)
@@ -502,13 +502,13 @@ def pack_for_cpu(graphdef, rest: nnx.State, layers: tuple[nnx.State, ...]):
     """The unrolled weights with the Dense kernels model/cpu_gemv.cc covers packed for it."""
     top = nnx.merge(graphdef, nnx.State({**rest, "layers": layers[0]}))
     block_graphdef = nnx.split(top.layers)[0]
-    packed = cpu_gemv.pack(graphdef, nnx.State({**rest, "layers": layers[0]}))
+    packed = cpu_kernels.pack(graphdef, nnx.State({**rest, "layers": layers[0]}))
     rest = nnx.State({k: v for k, v in packed.items() if k != "layers"})
-    return rest, tuple(cpu_gemv.pack(block_graphdef, layer) for layer in layers)
+    return rest, tuple(cpu_kernels.pack(block_graphdef, layer) for layer in layers)
 
 
 def step_fn(graphdef, mesh, rules, weights, cache, tokens, positions, segments, rows, last, temperature, top_k, top_p,
-            seeds, counters, kv_len, num_top):
+            seeds, counters, kv_len, num_top, use_cpu_kernels: bool = False):
     """The engine's one step (prefill chunk or decode): writes the new tokens' keys/values to `cache`, samples
     one token per row at `last`; returns (tokens, their log-probs, top ids, top log-probs, cache).
     `weights` is (state, None) or, unrolled, (state without the blocks, per-layer block states)."""
@@ -517,7 +517,7 @@ def step_fn(graphdef, mesh, rules, weights, cache, tokens, positions, segments, 
         state = nnx.State({**state, "layers": layers[0]})
     with use_mesh(mesh, rules):
         module = nnx.merge(graphdef, state)
-        update = kv_cache.CacheUpdate(cache, rows, kv_len, layers)
+        update = kv_cache.CacheUpdate(cache, rows, kv_len, layers, cpu_kernels=use_cpu_kernels)
         logits, cache = module(tokens, positions, segments, cache=update, logits_at=last)
         tok, lp, top_ids, top_lp = sampling.sample(logits[:, 0], temperature, top_k, top_p, seeds, counters, num_top)
     return tok, lp, top_ids, top_lp, cache
@@ -528,5 +528,6 @@ def _bind_step(engine: Engine):
            kv_len, num_top):
         weights = jax.tree.unflatten(engine._weight_tree, weight_leaves)
         return step_fn(engine.model.graphdef, engine.model.mesh, engine.rules, weights, cache, tokens, positions,
-                       segments, rows, last, temperature, top_k, top_p, seeds, counters, kv_len, num_top)
+                       segments, rows, last, temperature, top_k, top_p, seeds, counters, kv_len, num_top,
+                       engine.cpu_kernels)
     return fn

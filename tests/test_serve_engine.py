@@ -229,17 +229,17 @@ def test_quantized_weights(hf, hf_checkpoint, one_device, dtype, quant, wide):
     """The engine over int8/int4/bf16 weights gives the tokens of the same model run without a cache (XLA's
     dot). On one CPU device the engine runs unrolled layers with model/cpu_gemv.cc (`wide`: dims that the
     integer kernels take; otherwise those layers stay with XLA) and a 16-bit cache as bits."""
-    from model import cpu_gemv
+    from model import cpu_kernels
     from model.layers import Dense
 
     path = hf_checkpoint(dim=128, mlp=256, heads=4, kv_heads=2, head_dim=32)[0] if wide else hf[0]
     m = model.load(path, dtype=dtype, quant=quant, mesh=one_device)
     e = Engine(m, ByteTokenizer(), EngineConfig(**{**CFG.__dict__, "max_slots": 2}))
-    assert e.layout == "unrolled" and e.cpu_kernels == cpu_gemv.available()
+    assert e.layout == "unrolled" and e.cpu_kernels == cpu_kernels.available()
     if e.cpu_kernels:
         block_gd = nnx.split(nnx.merge(m.graphdef, nnx.State({**e.weights[0], "layers": e.weights[1][0]})).layers)[0]
         layer = nnx.merge(block_gd, e.weights[1][0])
-        packed = [cpu_gemv.is_packed(d) for _, d in nnx.iter_graph(layer) if isinstance(d, Dense)]
+        packed = [cpu_kernels.is_packed(d) for _, d in nnx.iter_graph(layer) if isinstance(d, Dense)]
         assert all(packed) if (wide or quant is None) else not any(packed), packed
     ps = prompts([14, 14], seed=10)
     if wide and e.cpu_kernels:  # int8 activations in the integer kernels: the same distribution, not bits
@@ -350,13 +350,13 @@ def test_compile_only_local(capsys):
 
 
 @pytest.mark.parametrize("fmt", ["float32", "bfloat16", "int8", "int4"])
-def test_cpu_gemv_kernels(fmt):
+def test_cpu_kernels_kernels(fmt):
     """model/cpu_gemv.cc against numpy: float kernels on the same weights; integer kernels against the
     arithmetic they implement (activations quantized per block of 128 inputs, exact integer sums),
     several products in one call, row counts across the 4-row tiles and the L2 chunking of x."""
-    from model import cpu_gemv, quant
+    from model import cpu_kernels, quant
 
-    if not cpu_gemv.available():
+    if not cpu_kernels.available():
         pytest.skip("no C++ compiler: the engine uses XLA's dot instead")
     rng = np.random.default_rng(0)
     K, Ns = 512, (200, 64)
@@ -373,7 +373,7 @@ def test_cpu_gemv_kernels(fmt):
             packed.append((q.reshape(K, N).T, s.reshape(N) if fmt == "int8" else s.reshape(K // 256, N).T))
             dense_ws.append(np.asarray(quant.dequantize(q, s, qc, (K,), (N,)), np.float32))
         group = qc.group_size
-    f = jax.jit(lambda x, p: cpu_gemv.gemv(x, p, group))
+    f = jax.jit(lambda x, p: cpu_kernels.gemv(x, p, group))
     for M in (1, 5, 17, 300):
         x = rng.standard_normal((M, K)).astype(np.float32)
         if fmt == "bfloat16":
@@ -389,3 +389,37 @@ def test_cpu_gemv_kernels(fmt):
         for y, w in zip(f(x, packed), dense_ws):
             ref = xin @ w
             np.testing.assert_allclose(np.asarray(y), ref, rtol=0, atol=2e-5 * np.abs(ref).max() + 1e-6)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cpu_attention_kernel(dtype):
+    """model/cpu_attention.cc against the XLA path it replaces (kv_cache.LayerCache.update + attend): rows
+    in different slots, several new tokens with padding, GQA, a cache in float32 or bfloat16 bits."""
+    from model import cpu_kernels, kv_cache
+
+    if not cpu_kernels.available():
+        pytest.skip("no C++ compiler: the engine uses XLA's ops instead")
+    rng = np.random.default_rng(0)
+    L, slots, S, K, G, H, T = 2, 3, 64, 2, 3, 32, 5
+    cfg = model.LlamaConfig(vocab_size=64, dim=32, num_layers=L, num_heads=K * G, num_kv_heads=K, head_dim=H,
+                            mlp_dim=64, param_dtype=dtype, compute_dtype=dtype)
+    cache = kv_cache.create(cfg, slots, S, dtype, make_mesh({}, jax.devices()[:1]))
+    fill = jax.numpy.asarray(rng.standard_normal(cache.k.shape), dtype)
+    if cache.k.dtype == np.uint16:
+        fill = jax.lax.bitcast_convert_type(fill, np.uint16)
+    cache = kv_cache.KVCache(fill, fill[::-1], dtype=cache.dtype)  # stale entries everywhere
+    q, k, v = (jax.numpy.asarray(rng.standard_normal((2, T, n, H)), dtype) for n in (K * G, K, K))
+    rows = np.array([2, 0], np.int32)
+    positions = np.array([[40, 41, 42, 43, 44], [7, 8, 9, 0, 0]], np.int32)
+    segments = np.array([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], np.int32)  # row 1: two padding tokens
+
+    def run(kernels):
+        view = kv_cache.LayerCache(cache, 1, rows, positions, segments, 48, kernels)
+        return jax.jit(lambda q, k, v: view.attend(q, k, v, "xla"))(q, k, v)
+
+    (want, c_want), (got, c_got) = run(False), run(True)
+    np.testing.assert_array_equal(np.asarray(c_got.k), np.asarray(c_want.k))  # the same cache writes
+    real = segments.astype(bool)
+    w, g = np.asarray(want.astype(np.float32))[real], np.asarray(got.astype(np.float32))[real]
+    tol = 1e-5 if dtype == "float32" else 2e-2  # bf16: outputs round to 8 bits, summation order differs
+    np.testing.assert_allclose(g, w, rtol=tol, atol=tol)

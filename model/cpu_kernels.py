@@ -1,4 +1,5 @@
-"""Dense products on one CPU device as XLA custom calls (model/cpu_gemv.cc, built on first use).
+"""Kernels for serving on one CPU device, as XLA custom calls built on first use: Dense products
+(model/cpu_gemv.cc) and attention over the KV cache (model/cpu_attention.cc).
 
 XLA:CPU reads float32 weights at memory speed in a matrix-vector product, but not bfloat16, int8 or
 int4 ones: it first converts the whole weight to float32 (a copy written and read back: 5 to 40 times
@@ -12,6 +13,10 @@ The serving engine opts in by packing its per-layer weights (`pack`): a packed D
 the kernels. Layers the kernels do not cover (other dtypes, int4 groups not a multiple of 128, sizes
 that do not divide) stay unpacked and use XLA's dot. The library is compiled with the C++ compiler
 found on PATH (`-O3 -march=native`) into ~/.cache/llama-jax (or $LLAMA_JAX_CACHE).
+
+Attention: XLA runs a decode step's attention as ~10 small ops per layer (gather the slot's keys and
+values, convert, transpose, two dots, softmax), each costing more in launch overhead than in
+arithmetic; the engine's cache (`kv_cache.CacheUpdate(cpu_kernels=True)`) computes it in one call.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from flax import nnx
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_suffix(".cc")
+SOURCES = [Path(__file__).with_name(n) for n in ("cpu_gemv.cc", "cpu_attention.cc")]
 LAYOUT = "out_in"  # metadata value of a packed kernel
 BLOCK = 128  # activation quantization block of the integer kernels
 _STATE: dict = {}
@@ -50,17 +55,17 @@ def build() -> Path:
     if cxx is None:
         raise RuntimeError("no C++ compiler on PATH (g++, c++ or clang++)")
     flags = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w",
-             *os.environ.get("LLAMA_JAX_GEMV_FLAGS", "").split()]
-    src = SOURCE.read_bytes()
+             *os.environ.get("LLAMA_JAX_CPU_FLAGS", "").split()]
+    src = b"".join(f.read_bytes() for f in SOURCES)
     key = hashlib.sha256(src + " ".join([cxx, *flags, jaxlib.__version__]).encode()).hexdigest()[:16]
-    out = _cache_dir() / f"cpu_gemv-{key}.so"
+    out = _cache_dir() / f"cpu_kernels-{key}.so"
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_suffix(f".{os.getpid()}.tmp")
-        cmd = [cxx, *flags, f"-I{include}", str(SOURCE), "-o", str(tmp)]
+        cmd = [cxx, *flags, f"-I{include}", *map(str, SOURCES), "-o", str(tmp)]
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode:
-            raise RuntimeError(f"building {SOURCE.name} failed ({' '.join(cmd)}):\n{r.stderr[-2000:]}")
+            raise RuntimeError(f"building the CPU kernels failed ({' '.join(cmd)}):\n{r.stderr[-2000:]}")
         os.replace(tmp, out)
     return out
 
@@ -70,10 +75,11 @@ def available() -> bool:
     if "ok" not in _STATE:
         try:
             lib = ctypes.cdll.LoadLibrary(str(build()))
-            jax.ffi.register_ffi_target("llama_jax_gemv", jax.ffi.pycapsule(lib.llama_jax_gemv), platform="cpu")
+            for name in ("llama_jax_gemv", "llama_jax_attention"):
+                jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform="cpu")
             _STATE.update(ok=True, lib=lib)
         except Exception as e:  # no compiler, unsupported platform: XLA's path it is
-            log.warning("CPU matrix-vector kernels unavailable, using XLA's dot: %s", e)
+            log.warning("CPU kernels unavailable, serving with XLA's ops: %s", e)
             _STATE["ok"] = False
     return _STATE["ok"]
 
@@ -148,3 +154,20 @@ def dense(layers, x: jax.Array) -> list[jax.Array] | None:
         weights.append((d.kernel[...], scale))
     ys = gemv(x.reshape(math.prod(prefix), K), weights, first.quant.group_size if first.quant else 0)
     return [y.astype(d.compute_dtype).reshape(*prefix, *d.out_shape) for d, y in zip(layers, ys)]
+
+
+def attention(q_BTNH, cache, layer, rows, positions, segments, kv_len: int) -> jax.Array:
+    """Attention of q over positions [0, kv_len) of cache slots `rows` in `layer` of a float32 or bfloat16
+    KVCache (already holding this step's keys/values); the engine's XLA path, in one call. -> [B, T, N, H]
+    in q's dtype."""
+    out = jax.ShapeDtypeStruct(q_BTNH.shape, jnp.float32)
+    y = jax.ffi.ffi_call("llama_jax_attention", out)(
+        q_BTNH.astype(jnp.float32), cache.k, cache.v, jnp.asarray(layer, jnp.int32), rows.astype(jnp.int32),
+        positions.astype(jnp.int32), segments.astype(jnp.int32), kv_len=int(kv_len),
+        round_probs=int(q_BTNH.dtype == jnp.bfloat16))
+    return y.astype(q_BTNH.dtype)
+
+
+def attention_applies(cache) -> bool:
+    """Caches the attention kernel reads: float32, or bfloat16 held as bits."""
+    return not cache.quantized and cache.dtype in ("float32", "bfloat16")
