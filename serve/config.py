@@ -42,10 +42,11 @@ class EngineConfig:
     warmup: bool = False  # compile every decode bucket before serving
     seed: int = 0  # seeds requests that bring none
     layout: str = "auto"  # scan (stacked layers) | unrolled (per-layer weights) | auto: unrolled on one CPU
+    decode_steps: int = 4  # tokens per decode call while no prompt waits (host overhead per call / this)
     cpu_kernels: bool = True  # one CPU device: products and cache attention with model/cpu_*.cc
 
     def __post_init__(self):
-        for name in ("max_slots", "max_len", "prefill_chunk", "prefill_tokens", "min_kv_bucket"):
+        for name in ("max_slots", "max_len", "prefill_chunk", "prefill_tokens", "min_kv_bucket", "decode_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"engine.{name} must be >= 1, got {getattr(self, name)}")
         if self.layout not in ("auto", "scan", "unrolled"):

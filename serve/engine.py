@@ -11,7 +11,8 @@ The cache has `max_slots` slots of `max_len` positions (model/kv_cache.py). Each
      into one [B, T] call within a token budget (prefill_tokens), so a long prompt takes several
      iterations and never stalls the decoding slots for long; a prompt's last chunk samples its first
      token;
-  3. runs one decode step: one new token for every request that is decoding.
+  3. runs one decode step: new tokens for every request that is decoding (`decode_steps` of them per
+     call while no prompt waits, which spreads the host's per-call cost over several tokens; else one).
 Finished requests (stop token, stop string, max_tokens, cache full) leave their slot at once.
 
 Prefill and decode are the same jitted function `(weights, cache, tokens [B, T], ...) -> (next
@@ -45,6 +46,7 @@ import time
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -171,7 +173,7 @@ class Engine:
             self.weights = pack_for_cpu(model.graphdef, *self.weights)
         # The step takes the weights as a flat list: flattening nnx Variables at every call costs ~1 ms.
         self._weight_leaves, self._weight_tree = jax.tree.flatten(self.weights)
-        self._step = jax.jit(_bind_step(self), static_argnums=(12, 13), donate_argnums=(1,),
+        self._step = jax.jit(_bind_step(self), static_argnums=(12, 13, 14), donate_argnums=(1,),
                              out_shardings=(None, None, None, None, self._cache_shardings))
         self.compiled_shapes: set[tuple[int, int, int, int]] = set()
         self._slots: list[Request | None] = [None] * cfg.max_slots
@@ -286,12 +288,13 @@ class Engine:
         cfg = self.cfg
         t0 = time.perf_counter()
         kvs = buckets(cfg.min_kv_bucket, cfg.max_len)
-        shapes = [(B, 1, kv) for B in buckets(1, cfg.max_slots) for kv in kvs]
-        shapes += [(1, bucket(cfg.prefill_chunk, 16, cfg.prefill_chunk), kv) for kv in kvs]
-        for B, T, kv in shapes:
+        steps = sorted({1, cfg.decode_steps})
+        shapes = [(B, 1, kv, n) for B in buckets(1, cfg.max_slots) for kv in kvs for n in steps]
+        shapes += [(1, bucket(cfg.prefill_chunk, 16, cfg.prefill_chunk), kv, 1) for kv in kvs]
+        for B, T, kv, n in shapes:
             z = np.zeros((B, T), np.int32)  # segment 0 everywhere: nothing is written to the cache
             dummy = Request("warmup", [0], SamplingParams(), lambda ev: None, 0, None, slot=0)
-            self._run_step([dummy] * B, z, z, z, np.zeros((B,), np.int32), [0] * B, kv)
+            self._run_step([dummy] * B, z, z, z, np.zeros((B,), np.int32), [0] * B, kv, n)
         log.info("compiled %d step shapes in %.1f s", len(shapes), time.perf_counter() - t0)
 
     # ------------------------------------------------------------------------------------------
@@ -378,8 +381,8 @@ class Engine:
     # ------------------------------------------------------------------------------------------
     # device steps
 
-    def _run_step(self, reqs: list[Request], tokens, positions, segments, last, counters, kv_len):
-        """One call of the jitted step over rows `reqs` (padded to the batch bucket)."""
+    def _run_step(self, reqs: list[Request], tokens, positions, segments, last, counters, kv_len, steps: int = 1):
+        """One call of the jitted step over rows `reqs` (padded to the batch bucket); outputs [steps, B, ...]."""
         B = tokens.shape[0]
         params = [r.params for r in reqs] + [None] * (B - len(reqs))
         rows = np.array([r.slot for r in reqs] + [reqs[0].slot] * (B - len(reqs)), np.int32)
@@ -387,15 +390,16 @@ class Engine:
         t, k, p, s, c = sampling.host_arrays(params, seeds, list(counters) + [0] * (B - len(reqs)))
         want = max((r.params.logprobs or 0) for r in reqs)
         num_top = 0 if want == 0 else sampling.MAX_TOP_LOGPROBS
-        shape = (B, tokens.shape[1], kv_len, num_top)
+        shape = (B, tokens.shape[1], kv_len, num_top, steps)
         if shape not in self.compiled_shapes:
             self.compiled_shapes.add(shape)
-            log.info("compiling step for batch %d x %d tokens, attention over %d positions%s", *shape[:3],
-                     f", top {num_top} logprobs" if num_top else "")
+            log.info("compiling step for batch %d x %d tokens, attention over %d positions%s%s", *shape[:3],
+                     f", top {num_top} logprobs" if num_top else "", f", {steps} tokens per call" if steps > 1 else "")
         out = self._step(self._weight_leaves, self.cache, tokens, positions, segments, rows, last, t, k, p, s, c,
-                         kv_len, num_top)
-        tok, lp, top_ids, top_lp, self.cache = out
-        return np.asarray(tok), np.asarray(lp), np.asarray(top_ids), np.asarray(top_lp)
+                         kv_len, num_top, steps)
+        *out, self.cache = out
+        out = [np.asarray(o) for o in out]
+        return out if steps > 1 else [o[None] for o in out]
 
     def _prefill(self, candidates: list[Request]):
         cfg = self.cfg
@@ -427,11 +431,15 @@ class Engine:
             self.stats["prefill_tokens"] += ends[b] - r.prefilled
             r.prefilled = ends[b]
             if r.prefilled == len(r.prompt):  # the prompt is in: its last position's sample is token 1
-                self._accept(r, *(o[b] for o in out))
+                self._accept(r, *(o[0, b] for o in out))
 
     def _decode(self, reqs: list[Request]):
+        """One call: cfg.decode_steps tokens per request when nothing is waiting to be prefilled (tokens after
+        a request's end are dropped), else one, so that a new prompt starts at the next call."""
         cfg = self.cfg
         B = bucket(len(reqs), 1, cfg.max_slots)
+        busy = self.pending or any(r is not None and r.prefilled < len(r.prompt) for r in self._slots)
+        steps = 1 if busy else cfg.decode_steps
         tokens = np.zeros((B, 1), np.int32)
         positions = np.zeros((B, 1), np.int32)
         segments = np.zeros((B, 1), np.int32)
@@ -439,13 +447,15 @@ class Engine:
             tokens[b, 0] = r.generated[-1]
             positions[b, 0] = r.length
             segments[b, 0] = 1
-        kv_len = bucket(int(positions.max()) + 1, cfg.min_kv_bucket, cfg.max_len)
+        kv_len = bucket(int(positions.max()) + steps, cfg.min_kv_bucket, cfg.max_len)
         out = self._run_step(reqs, tokens, positions, segments, np.zeros((B,), np.int32),
-                             [len(r.generated) for r in reqs], kv_len)
+                             [len(r.generated) for r in reqs], kv_len, steps)
         self.stats["decode_steps"] += 1
         self.stats["decode_rows"] += len(reqs)
-        for b, r in enumerate(reqs):
-            self._accept(r, *(o[b] for o in out))
+        for j in range(steps):
+            for b, r in enumerate(reqs):
+                if not r.done:
+                    self._accept(r, *(o[j, b] for o in out))
 
     def _accept(self, r: Request, tok, lp, top_ids, top_lp):
         """A sampled token for request r: text, stop conditions, event."""
@@ -508,26 +518,40 @@ def pack_for_cpu(graphdef, rest: nnx.State, layers: tuple[nnx.State, ...]):
 
 
 def step_fn(graphdef, mesh, rules, weights, cache, tokens, positions, segments, rows, last, temperature, top_k, top_p,
-            seeds, counters, kv_len, num_top, use_cpu_kernels: bool = False):
+            seeds, counters, kv_len, num_top, use_cpu_kernels: bool = False, steps: int = 1):
     """The engine's one step (prefill chunk or decode): writes the new tokens' keys/values to `cache`, samples
     one token per row at `last`; returns (tokens, their log-probs, top ids, top log-probs, cache).
-    `weights` is (state, None) or, unrolled, (state without the blocks, per-layer block states)."""
+    `weights` is (state, None) or, unrolled, (state without the blocks, per-layer block states).
+    `steps` > 1 (decode only): that many tokens per row, each sampled token fed back as the next input;
+    the outputs get a leading [steps] axis."""
     state, layers = weights
     if layers is not None:  # the module needs a `layers` entry to be built; the loop uses `layers`
         state = nnx.State({**state, "layers": layers[0]})
     with use_mesh(mesh, rules):
         module = nnx.merge(graphdef, state)
-        update = kv_cache.CacheUpdate(cache, rows, kv_len, layers, cpu_kernels=use_cpu_kernels)
-        logits, cache = module(tokens, positions, segments, cache=update, logits_at=last)
-        tok, lp, top_ids, top_lp = sampling.sample(logits[:, 0], temperature, top_k, top_p, seeds, counters, num_top)
-    return tok, lp, top_ids, top_lp, cache
+
+        def one(cache, tokens, positions, counters):
+            update = kv_cache.CacheUpdate(cache, rows, kv_len, layers, cpu_kernels=use_cpu_kernels)
+            logits, cache = module(tokens, positions, segments, cache=update, logits_at=last)
+            return sampling.sample(logits[:, 0], temperature, top_k, top_p, seeds, counters, num_top), cache
+
+        if steps == 1:
+            (tok, lp, top_ids, top_lp), cache = one(cache, tokens, positions, counters)
+            return tok, lp, top_ids, top_lp, cache
+
+        outs = []
+        for _ in range(steps):  # unrolled: in a while loop XLA:CPU copied the cache at every layer's write
+            out, cache = one(cache, tokens, positions, counters)
+            outs.append(out)
+            tokens, positions, counters = out[0][:, None], positions + 1, counters + 1
+    return (*(jnp.stack(o) for o in zip(*outs)), cache)
 
 
 def _bind_step(engine: Engine):
     def fn(weight_leaves, cache, tokens, positions, segments, rows, last, temperature, top_k, top_p, seeds, counters,
-           kv_len, num_top):
+           kv_len, num_top, steps):
         weights = jax.tree.unflatten(engine._weight_tree, weight_leaves)
         return step_fn(engine.model.graphdef, engine.model.mesh, engine.rules, weights, cache, tokens, positions,
                        segments, rows, last, temperature, top_k, top_p, seeds, counters, kv_len, num_top,
-                       engine.cpu_kernels)
+                       engine.cpu_kernels, steps)
     return fn

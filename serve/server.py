@@ -328,7 +328,8 @@ def create_app(engine: Engine, tokenizer, model_name: str, cfg: ServerConfig = S
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": model_name, "active": engine.active, "waiting": engine.pending}
+        return {"status": "ok", "model": model_name, "active": engine.active, "waiting": engine.pending,
+                "compiled_steps": len(engine.compiled_shapes)}
 
     @app.get("/v1/models")
     async def models(request: Request):

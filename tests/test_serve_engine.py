@@ -109,8 +109,8 @@ def test_compiles_once_per_bucket(engine):
     seen = set(engine.compiled_shapes)
     assert engine._step._cache_size() == len(seen)  # one executable per bucket, none per request
     kvs = set(buckets(CFG.min_kv_bucket, CFG.max_len))
-    for B, T, kv, _ in seen:
-        assert B in buckets(1, CFG.max_slots) and T in (1, 16) and kv in kvs
+    for B, T, kv, _, steps in seen:
+        assert B in buckets(1, CFG.max_slots) and T in (1, 16) and kv in kvs and steps in (1, CFG.decode_steps)
     engine.generate(prompts([4, 31, 49], seed=5), GREEDY)  # new requests, same buckets
     assert engine.compiled_shapes == seen and engine._step._cache_size() == len(seen)
 
