@@ -52,7 +52,7 @@ inline float load<uint16_t>(const uint16_t* p) { return bf16_bits_to_f32(*p); }
 // library call: ~2,400 of them per decode step were most of this kernel's time.
 inline float exp_nonpositive(float x) {
   x = std::max(x, -87.0f);
-  const float n = std::nearbyint(x * 1.44269504f);
+  const float n = (x * 1.44269504f + 12582912.0f) - 12582912.0f;  // round to nearest (1.5 * 2^23 trick)
   const float r = (x - n * 0.693145752f) - n * 1.42860677e-6f;
   float p = 1.0f / 720;
   p = p * r + 1.0f / 120;
@@ -81,30 +81,103 @@ inline float dot(const float* a, const float* b, int64_t H) {
   return sum;
 }
 
-// One (row, query, KV head): its G query heads against keys/values [0, n) of the slot; each key and value
-// row is converted once for all G heads. scores holds G * n floats, row H.
-template <typename T>
-void attend_one(const float* q, const T* k, const T* v, float* out, int64_t n, int64_t G, int64_t K, int64_t H,
-                bool round_probs, float* scores, float* row) {
-  const float scale = 1.0f / std::sqrt(static_cast<float>(H));
-  for (int64_t s = 0; s < n; ++s) {
-    const T* ks = k + s * K * H;
-    for (int64_t h = 0; h < H; ++h) row[h] = load(ks + h);
-    for (int64_t g = 0; g < G; ++g) scores[g * n + s] = dot(q + g * H, row, H) * scale;
+#ifdef __AVX512F__
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const uint16_t* p) {  // 16 bfloat16 (as bits) -> float32
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+
+// The sums of four vectors: [sum(a), sum(b), sum(c), sum(d)].
+inline __m128 sum4(__m512 a, __m512 b, __m512 c, __m512 d) {
+  auto half = [](__m512 x) {
+    const __m256 y = _mm256_add_ps(_mm512_castps512_ps256(x), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1)));
+    return _mm_add_ps(_mm256_castps256_ps128(y), _mm256_extractf128_ps(y, 1));
+  };
+  return _mm_hadd_ps(_mm_hadd_ps(half(a), half(b)), _mm_hadd_ps(half(c), half(d)));
+}
+
+// scores[g * n + s] = q_g . k_s * scale for the G query heads of one KV head, HV = H / 16 vectors a row.
+template <typename T, int HV>
+void scores_avx512(const float* q, const T* k, int64_t n, int64_t G, int64_t stride, float scale, float* scores) {
+  for (int64_t g = 0; g < G; ++g) {
+    __m512 qv[HV];
+    for (int v = 0; v < HV; ++v) qv[v] = _mm512_loadu_ps(q + g * HV * 16 + v * 16);
+    int64_t s = 0;
+    for (; s + 4 <= n; s += 4) {
+      __m512 acc[4];
+      for (int i = 0; i < 4; ++i) {
+        const T* ks = k + (s + i) * stride;
+        acc[i] = _mm512_mul_ps(qv[0], load16(ks));
+        for (int v = 1; v < HV; ++v) acc[i] = _mm512_fmadd_ps(qv[v], load16(ks + v * 16), acc[i]);
+      }
+      _mm_storeu_ps(scores + g * n + s, _mm_mul_ps(sum4(acc[0], acc[1], acc[2], acc[3]), _mm_set1_ps(scale)));
+    }
+    for (; s < n; ++s) {
+      __m512 acc = _mm512_setzero_ps();
+      for (int v = 0; v < HV; ++v) acc = _mm512_fmadd_ps(qv[v], load16(k + s * stride + v * 16), acc);
+      scores[g * n + s] = _mm512_reduce_add_ps(acc) * scale;
+    }
   }
+}
+
+// out_g = sum_s p[g * n + s] v_s, the accumulator of one head in registers.
+template <typename T, int HV>
+void values_avx512(const float* p, const T* v, int64_t n, int64_t G, int64_t stride, float* out) {
+  for (int64_t g = 0; g < G; ++g) {
+    __m512 acc[HV];
+    for (int i = 0; i < HV; ++i) acc[i] = _mm512_setzero_ps();
+    for (int64_t s = 0; s < n; ++s) {
+      const __m512 ps = _mm512_set1_ps(p[g * n + s]);
+      for (int i = 0; i < HV; ++i) acc[i] = _mm512_fmadd_ps(ps, load16(v + s * stride + i * 16), acc[i]);
+    }
+    for (int i = 0; i < HV; ++i) _mm512_storeu_ps(out + g * HV * 16 + i * 16, acc[i]);
+  }
+}
+#endif
+
+// Softmax of each head's n scores in place (rounded to bfloat16 when asked).
+inline void softmax(float* scores, int64_t n, int64_t G, bool round_probs) {
   for (int64_t g = 0; g < G; ++g) {
     float* sc = scores + g * n;
-    float mx = -INFINITY, sum = 0.0f;
-    for (int64_t s = 0; s < n; ++s) mx = std::max(mx, sc[s]);
+    float part[16], mx = -INFINITY, sum = 0.0f;  // 16 partial maxima: a float max reduction does not vectorise
+    std::fill(part, part + 16, -INFINITY);
+    int64_t s0 = 0;
+    for (; s0 + 16 <= n; s0 += 16)
+      for (int j = 0; j < 16; ++j) part[j] = std::max(part[j], sc[s0 + j]);
+    for (; s0 < n; ++s0) mx = std::max(mx, sc[s0]);
+    for (int j = 0; j < 16; ++j) mx = std::max(mx, part[j]);
     for (int64_t s = 0; s < n; ++s) sc[s] = exp_nonpositive(sc[s] - mx);
     for (int64_t s = 0; s < n; ++s) sum += sc[s];
     const float inv = 1.0f / sum;
     for (int64_t s = 0; s < n; ++s) sc[s] = round_probs ? round_bf16(sc[s] * inv) : sc[s] * inv;
   }
+}
+
+// One (row, query, KV head): its G query heads against keys/values [0, n) of the slot. scores holds G * n
+// floats, row H (the portable path's converted key/value row).
+template <typename T>
+void attend_one(const float* q, const T* k, const T* v, float* out, int64_t n, int64_t G, int64_t K, int64_t H,
+                bool round_probs, float* scores, float* row) {
+  const float scale = 1.0f / std::sqrt(static_cast<float>(H));
+  const int64_t stride = K * H;
+#ifdef __AVX512F__
+  if (H == 64 || H == 128) {
+    if (H == 64) scores_avx512<T, 4>(q, k, n, G, stride, scale, scores);
+    else scores_avx512<T, 8>(q, k, n, G, stride, scale, scores);
+    softmax(scores, n, G, round_probs);
+    if (H == 64) values_avx512<T, 4>(scores, v, n, G, stride, out);
+    else values_avx512<T, 8>(scores, v, n, G, stride, out);
+    return;
+  }
+#endif
+  for (int64_t s = 0; s < n; ++s) {
+    for (int64_t h = 0; h < H; ++h) row[h] = load(k + s * stride + h);
+    for (int64_t g = 0; g < G; ++g) scores[g * n + s] = dot(q + g * H, row, H) * scale;
+  }
+  softmax(scores, n, G, round_probs);
   std::fill(out, out + G * H, 0.0f);
   for (int64_t s = 0; s < n; ++s) {
-    const T* vs = v + s * K * H;
-    for (int64_t h = 0; h < H; ++h) row[h] = load(vs + h);
+    for (int64_t h = 0; h < H; ++h) row[h] = load(v + s * stride + h);
     for (int64_t g = 0; g < G; ++g) {
       const float p = scores[g * n + s];
       float* o = out + g * H;

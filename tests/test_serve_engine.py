@@ -391,16 +391,17 @@ def test_cpu_kernels_kernels(fmt):
             np.testing.assert_allclose(np.asarray(y), ref, rtol=0, atol=2e-5 * np.abs(ref).max() + 1e-6)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_cpu_attention_kernel(dtype):
+@pytest.mark.parametrize("dtype,H", [("float32", 32), ("bfloat16", 32), ("float32", 64), ("bfloat16", 128)])
+def test_cpu_attention_kernel(dtype, H):
     """model/cpu_attention.cc against the XLA path it replaces (kv_cache.LayerCache.update + attend): rows
-    in different slots, several new tokens with padding, GQA, a cache in float32 or bfloat16 bits."""
+    in different slots, several new tokens with padding, GQA, a cache in float32 or bfloat16 bits; head
+    dims 64 and 128 take the AVX-512 path where there is one, 32 the portable one."""
     from model import cpu_kernels, kv_cache
 
     if not cpu_kernels.available():
         pytest.skip("no C++ compiler: the engine uses XLA's ops instead")
     rng = np.random.default_rng(0)
-    L, slots, S, K, G, H, T = 2, 3, 64, 2, 3, 32, 5
+    L, slots, S, K, G, T = 2, 3, 64, 2, 3, 5
     cfg = model.LlamaConfig(vocab_size=64, dim=32, num_layers=L, num_heads=K * G, num_kv_heads=K, head_dim=H,
                             mlp_dim=64, param_dtype=dtype, compute_dtype=dtype)
     cache = kv_cache.create(cfg, slots, S, dtype, make_mesh({}, jax.devices()[:1]))
