@@ -9,7 +9,8 @@
    of ~7, a few minutes on a quiet one) on the Python standard library's source files (every machine
    has them),
    then perplexity on held-out stdlib files (one file in ten, by a hash of its name) in bf16, int8,
-   int4 (group 128) and int4 with smaller groups.
+   int4 (group 128) and int4 with smaller groups; and for bf16, int8 and int4-g128 also through the CPU
+   serving path ("cpu-serving": model/cpu_gemv.cc, whose integer kernels quantize activations to int8).
 Prints one JSON line per measurement. Everything runs on the host CPU.
 """
 
@@ -34,7 +35,7 @@ import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import model  # noqa: E402
-from model import LlamaConfig, quant  # noqa: E402
+from model import LlamaConfig, cpu_kernels, quant  # noqa: E402
 from model.quant import QuantConfig  # noqa: E402
 from model.tokenizer import ByteTokenizer  # noqa: E402
 
@@ -58,6 +59,30 @@ def cast_state(state, dtype):
 
 def forward_fn(graphdef):
     return jax.jit(lambda state, tokens: nnx.merge(graphdef, state)(tokens))
+
+
+def serving_forward(graphdef, state, cfg):
+    """forward(state, tokens) through the CPU serving path instead (serve/engine.py on one CPU device):
+    per-layer weights packed for model/cpu_gemv.cc, whose integer kernels quantize activations to int8,
+    and attention by model/cpu_attention.cc over a KV cache."""
+    from model import kv_cache
+    from serve.engine import pack_for_cpu, unstack
+
+    weights = pack_for_cpu(graphdef, *unstack(state))
+    kv_dtype = kv_cache.resolve_dtype("auto", cfg)
+
+    @jax.jit
+    def fwd(weights, tokens):
+        rest, layers = weights
+        B, T = tokens.shape
+        cache = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), kv_cache.abstract(cfg, B, T, kv_dtype))
+        module = nnx.merge(graphdef, nnx.State({**rest, "layers": layers[0]}))
+        update = kv_cache.CacheUpdate(cache, jnp.arange(B, dtype=jnp.int32), T, layers, cpu_kernels=True)
+        positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        logits, _ = module(tokens, positions, jnp.ones_like(tokens), cache=update)
+        return logits
+
+    return lambda _, tokens: fwd(weights, tokens)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -163,7 +188,7 @@ def perplexity(forward, state, windows, batch=16) -> float:
     return float(np.exp(nll / count))
 
 
-def trained_model(steps: int, seconds: float):
+def trained_model(steps: int, seconds: float, skip_serving: bool = False):
     tok = ByteTokenizer()
     root, train_bytes, held_bytes, n_train, n_held = stdlib_corpus(max_bytes=30_000_000)
     train_ids = np.frombuffer(train_bytes, np.uint8)  # ByteTokenizer: token id = byte value
@@ -187,11 +212,16 @@ def trained_model(steps: int, seconds: float):
     bgraph, _ = model.abstract_model(bcfg)
     bstate = cast_state(state, jnp.bfloat16)
     results["bf16"] = perplexity(forward_fn(bgraph), bstate, windows)
+    serving = cpu_kernels.available() and not skip_serving
+    if serving:
+        results["bf16 cpu-serving"] = perplexity(serving_forward(bgraph, bstate, bcfg), None, windows)
     for qname, qc in QUANTS.items():
         # quantized from the bf16 weights (as a bf16 checkpoint would be), computed in bf16
         qcfg, qstate = quant.quantize_state(bstate, bcfg, qc)
         qgraph, _ = model.abstract_model(qcfg)
         results[qname] = perplexity(forward_fn(qgraph), qstate, windows)
+        if serving and qname in ("int8", "int4-g128"):  # the CPU kernels' formats (int8 activations)
+            results[f"{qname} cpu-serving"] = perplexity(serving_forward(qgraph, qstate, qcfg), None, windows)
     for name, ppl in results.items():
         emit(bench="quant_quality", part="trained_perplexity", model="stdlib-bytes-4L-256d", quant=name,
              heldout_tokens=int(windows[:, 1:].size), perplexity=ppl,

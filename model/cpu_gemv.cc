@@ -158,6 +158,17 @@ inline float scale_f32<uint16_t>(uint16_t v) { return bf16_to_f32(v); }
 // ---------------------------------------------------------------------------------------------------
 // AVX-512 tiles: MR rows of x against 4 weight rows, 16 accumulators at most, all in registers.
 
+// Every weight line read is preceded by a prefetch into L2 of the line PREFETCH_BYTES further on (the
+// weights are read in address order). One core alone then keeps enough reads in flight to stream at
+// ~20 GB/s instead of ~9 (int4 layers of the bench shape, measured): the hardware prefetcher does not
+// run that far ahead over the short rows of one tile.
+#ifndef PREFETCH_BYTES
+#define PREFETCH_BYTES 16384
+#endif
+inline void prefetch(const void* line) {
+  _mm_prefetch(static_cast<const char*>(line) + PREFETCH_BYTES, _MM_HINT_T1);
+}
+
 template <int MR>
 void tile_f32(const float* x, const float* wt, float* y, int64_t K, int64_t N, int64_t m0, int64_t n0) {
   __m512 acc[MR][4];
@@ -167,6 +178,7 @@ void tile_f32(const float* x, const float* wt, float* y, int64_t K, int64_t N, i
     __m512 w[4];
     for (int j = 0; j < 4; ++j) {
       const float* r = wt + (n0 + j) * K + k;
+      prefetch(r);
       w[j] = _mm512_loadu_ps(r);
     }
     for (int i = 0; i < MR; ++i) {
@@ -187,6 +199,7 @@ void tile_bf16(const uint16_t* x, const uint16_t* wt, float* y, int64_t K, int64
     __m512bh w[4];
     for (int j = 0; j < 4; ++j) {
       const uint16_t* r = wt + (n0 + j) * K + k;
+      prefetch(r);
       w[j] = (__m512bh)_mm512_loadu_si512(r);
     }
     for (int i = 0; i < MR; ++i) {
@@ -210,6 +223,8 @@ void tile_int8(const QuantX& xq, const int8_t* wt, const S* scale, float* y, int
     __m512i w0[4], w1[4];
     for (int j = 0; j < 4; ++j) {
       const int8_t* r = wt + (n0 + j) * K + b * QB;
+      prefetch(r);
+      prefetch(r + 64);
       w0[j] = _mm512_xor_si512(_mm512_loadu_si512(r), flip);
       w1[j] = _mm512_xor_si512(_mm512_loadu_si512(r + 64), flip);
     }
@@ -238,27 +253,28 @@ void tile_int4(const QuantX& xq, const uint8_t* wt, const S* scale, int64_t grou
   __m512 acc[MR][4];
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_setzero_ps();
-  for (int64_t b = 0; b < nb; ++b) {
-    __m512i we[4], wo[4];
+  for (int64_t g = 0; g < ng; ++g) {  // groups outside blocks: no division in the loop
     float sw[4];
-    for (int j = 0; j < 4; ++j) {
-      const uint8_t* r = wt + (n0 + j) * (K / 2) + b * 64;
-      // int4 rows are short (K/2 bytes): the hardware prefetcher lags; fetch the tile 2 ahead (+20% decode)
-      _mm_prefetch(reinterpret_cast<const char*>(r + 2 * 4 * (K / 2)), _MM_HINT_T0);
-      const __m512i v = _mm512_xor_si512(_mm512_loadu_si512(r), flip);
-      we[j] = _mm512_and_si512(v, low);
-      wo[j] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
-      sw[j] = scale_f32(scale[(n0 + j) * ng + b / per_group]);
-    }
-    for (int i = 0; i < MR; ++i) {
-      const int64_t mb = (m0 + i) * nb + b;
-      const int8_t* q = xq.q.data() + mb * QB;
-      const __m512i xe = _mm512_loadu_si512(q), xo = _mm512_loadu_si512(q + 64);
-      const __m512i c = _mm512_loadu_si512(xq.c.data() + mb * 16);
-      const float s = xq.s[mb];
+    for (int j = 0; j < 4; ++j) sw[j] = scale_f32(scale[(n0 + j) * ng + g]);
+    for (int64_t b = g * per_group; b < (g + 1) * per_group; ++b) {
+      __m512i we[4], wo[4];
       for (int j = 0; j < 4; ++j) {
-        const __m512i t = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(c, we[j], xe), wo[j], xo);
-        acc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_set1_ps(s * sw[j]), acc[i][j]);
+        const uint8_t* r = wt + (n0 + j) * (K / 2) + b * 64;
+        prefetch(r);
+        const __m512i v = _mm512_xor_si512(_mm512_loadu_si512(r), flip);
+        we[j] = _mm512_and_si512(v, low);
+        wo[j] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+      }
+      for (int i = 0; i < MR; ++i) {
+        const int64_t mb = (m0 + i) * nb + b;
+        const int8_t* q = xq.q.data() + mb * QB;
+        const __m512i xe = _mm512_loadu_si512(q), xo = _mm512_loadu_si512(q + 64);
+        const __m512i c = _mm512_loadu_si512(xq.c.data() + mb * 16);
+        const float s = xq.s[mb];
+        for (int j = 0; j < 4; ++j) {
+          const __m512i t = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(c, we[j], xe), wo[j], xo);
+          acc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_set1_ps(s * sw[j]), acc[i][j]);
+        }
       }
     }
   }

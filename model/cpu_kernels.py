@@ -113,7 +113,7 @@ def supports(layer) -> bool:
         return False
     if kernel.dtype == jnp.int8:
         return not qc.group_size and K % BLOCK == 0
-    return kernel.dtype == jnp.int4 and qc.group_size % BLOCK == 0 and K % qc.group_size == 0
+    return kernel.dtype == jnp.int4 and qc.group_size > 0 and qc.group_size % BLOCK == 0 and K % qc.group_size == 0
 
 
 def is_packed(layer) -> bool:
