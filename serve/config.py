@@ -42,13 +42,16 @@ class EngineConfig:
     warmup: bool = False  # compile every decode bucket before serving
     seed: int = 0  # seeds requests that bring none
     layout: str = "auto"  # scan (stacked layers) | unrolled (per-layer weights) | auto: unrolled on one CPU
-    decode_steps: int = 4  # tokens per decode call while no prompt waits (host overhead per call / this)
+    decode_steps: int = 0  # tokens per decode call while no prompt waits; 0 = auto: 4 on one CPU device, else 1
+    # (spreads the host's per-call cost; unrolled, so the decode step's compile time grows with it)
     cpu_kernels: bool = True  # one CPU device: products and cache attention with model/cpu_*.cc
 
     def __post_init__(self):
-        for name in ("max_slots", "max_len", "prefill_chunk", "prefill_tokens", "min_kv_bucket", "decode_steps"):
+        for name in ("max_slots", "max_len", "prefill_chunk", "prefill_tokens", "min_kv_bucket"):
             if getattr(self, name) < 1:
                 raise ValueError(f"engine.{name} must be >= 1, got {getattr(self, name)}")
+        if self.decode_steps < 0:
+            raise ValueError(f"engine.decode_steps must be >= 0 (0: auto), got {self.decode_steps}")
         if self.layout not in ("auto", "scan", "unrolled"):
             raise ValueError(f"engine.layout={self.layout!r}: expected auto, scan or unrolled")
         if self.prefill_tokens < self.prefill_chunk:

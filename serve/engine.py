@@ -171,6 +171,7 @@ class Engine:
         self.weights = unstack(model.state) if self.layout == "unrolled" else (model.state, None)
         if self.cpu_kernels:
             self.weights = pack_for_cpu(model.graphdef, *self.weights)
+        self.decode_steps = cfg.decode_steps or (4 if self.cpu_kernels else 1)
         # The step takes the weights as a flat list: flattening nnx Variables at every call costs ~1 ms.
         self._weight_leaves, self._weight_tree = jax.tree.flatten(self.weights)
         self._step = jax.jit(_bind_step(self), static_argnums=(12, 13, 14), donate_argnums=(1,),
@@ -288,7 +289,7 @@ class Engine:
         cfg = self.cfg
         t0 = time.perf_counter()
         kvs = buckets(cfg.min_kv_bucket, cfg.max_len)
-        steps = sorted({1, cfg.decode_steps})
+        steps = sorted({1, self.decode_steps})
         shapes = [(B, 1, kv, n) for B in buckets(1, cfg.max_slots) for kv in kvs for n in steps]
         shapes += [(1, bucket(cfg.prefill_chunk, 16, cfg.prefill_chunk), kv, 1) for kv in kvs]
         for B, T, kv, n in shapes:
@@ -434,12 +435,12 @@ class Engine:
                 self._accept(r, *(o[0, b] for o in out))
 
     def _decode(self, reqs: list[Request]):
-        """One call: cfg.decode_steps tokens per request when nothing is waiting to be prefilled (tokens after
+        """One call: decode_steps tokens per request when nothing is waiting to be prefilled (tokens after
         a request's end are dropped), else one, so that a new prompt starts at the next call."""
         cfg = self.cfg
         B = bucket(len(reqs), 1, cfg.max_slots)
         busy = self.pending or any(r is not None and r.prefilled < len(r.prompt) for r in self._slots)
-        steps = 1 if busy else cfg.decode_steps
+        steps = 1 if busy else self.decode_steps
         tokens = np.zeros((B, 1), np.int32)
         positions = np.zeros((B, 1), np.int32)
         segments = np.zeros((B, 1), np.int32)

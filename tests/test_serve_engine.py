@@ -52,6 +52,18 @@ def test_greedy_matches_transformers_batch1(engine, hf):
     assert r["finish_reason"] == "length" and r["completion_tokens"] == 24
 
 
+def test_several_tokens_per_decode_call_sharded(hf, tp_mesh):
+    """decode_steps=3 on the sharded, scanned path: the same tokens as transformers (requests ending inside
+    a call drop its extra tokens; max_tokens 10 is not a multiple of 3)."""
+    m = model.load(hf[0], dtype="float32", mesh=tp_mesh)
+    e = Engine(m, ByteTokenizer(), EngineConfig(**{**CFG.__dict__, "decode_steps": 3}))
+    ps = prompts([5, 12], seed=12)
+    res = e.generate(ps, SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True))
+    for p, r in zip(ps, res):
+        assert r["token_ids"] == hf_greedy(hf[1], p, 10) and r["completion_tokens"] == 10
+    assert any(shape[-1] == 3 for shape in e.compiled_shapes)
+
+
 def test_greedy_matches_transformers_decoded_together(engine, hf):
     ps = prompts([3, 17, 40, 70], seed=1)  # 40 and 70 take 3 and 5 prefill chunks of 16
     results = engine.generate(ps, GREEDY)
@@ -110,7 +122,7 @@ def test_compiles_once_per_bucket(engine):
     assert engine._step._cache_size() == len(seen)  # one executable per bucket, none per request
     kvs = set(buckets(CFG.min_kv_bucket, CFG.max_len))
     for B, T, kv, _, steps in seen:
-        assert B in buckets(1, CFG.max_slots) and T in (1, 16) and kv in kvs and steps in (1, CFG.decode_steps)
+        assert B in buckets(1, CFG.max_slots) and T in (1, 16) and kv in kvs and steps in (1, engine.decode_steps)
     engine.generate(prompts([4, 31, 49], seed=5), GREEDY)  # new requests, same buckets
     assert engine.compiled_shapes == seen and engine._step._cache_size() == len(seen)
 
