@@ -95,7 +95,7 @@ def build(cls, values: dict, where: str = ""):
             continue
         at = f"{where}{'.' if where and not where.endswith(':') else ''}{key}"
         if key in lines:
-            at = f"{at} (line {lines[key]})"
+            at = f"{at} (line {lines[key]})" if lines[key] != "command line" else f"{at} (from the command line)"
         if key not in fields:
             raise ConfigError(f"{at}: unknown key; {cls.__name__} has {', '.join(fields)}")
         kw[key] = _coerce(value, hints[key], at)
@@ -113,6 +113,7 @@ def _set_path(tree: dict, dotted: str, value):
             node = tree[k] = {}
         tree = node
     tree[keys[-1]] = value
+    tree.setdefault("__lines__", {})[keys[-1]] = "command line"  # errors name where the value came from
 
 
 def load(cls, path: str | Path | None, overrides: list[str] = (), search_dir: Path | None = None):
@@ -144,3 +145,21 @@ def load(cls, path: str | Path | None, overrides: list[str] = (), search_dir: Pa
 
 def to_dict(obj) -> dict:
     return dataclasses.asdict(obj)
+
+
+def start_job(load_config, path: str | None, overrides: list[str]):
+    """What a job's command line does first: logging in plain words, multi-host start-up (sharding/mesh.py),
+    then `load_config(path, overrides)`. None (after printing the error) when the config is bad."""
+    import logging
+    import sys
+
+    from sharding.mesh import maybe_initialize_distributed
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax narrates every file it writes at INFO
+    maybe_initialize_distributed()
+    try:
+        return load_config(path, overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return None

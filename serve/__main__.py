@@ -39,18 +39,11 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     generate = bool(argv) and argv[0] == "generate"
     args = _parser(generate).parse_args(argv[1:] if generate else argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger("absl").setLevel(logging.WARNING)
-
-    from sharding.mesh import maybe_initialize_distributed
-    maybe_initialize_distributed()
-    from model.settings import ConfigError
+    from model.settings import start_job
     from serve.config import load_config
 
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+    cfg = start_job(load_config, args.config, args.overrides)
+    if cfg is None:
         return 2
     if not generate and args.compile_only:
         from serve.compile_check import compile_only

@@ -313,6 +313,36 @@ def create_app(engine: Engine, tokenizer, model_name: str, cfg: ServerConfig = S
 
         return events()
 
+    async def read_request(request: Request, schema):
+        """The authorized, validated body of a generation request, for this server's model."""
+        authorize(request)
+        try:
+            body = schema.model_validate(await read_json(request))
+        except ValidationError as e:
+            raise validation_error(e) from None
+        check_model(body.model)
+        return body
+
+    async def collect(request: Request, jobs) -> tuple[list[str], list[list], list[str], int] | None:
+        """Runs the jobs to the end: (texts, log-probs, finish reasons, completion tokens), or None when
+        the client went away."""
+        texts, lps, finish, completion_tokens = [""] * len(jobs), [[] for _ in jobs], [None] * len(jobs), 0
+        async for i, ev in run(request, jobs):
+            if ev.finish_reason == "error":
+                raise APIError(500, ev.error or "generation failed", type="server_error")
+            texts[i] += ev.text
+            lps[i] += ev.logprobs or []
+            if ev.finished:
+                finish[i] = ev.finish_reason
+                completion_tokens += ev.completion_tokens
+        if any(f is None or f == "cancelled" for f in finish):
+            return None
+        return texts, lps, finish, completion_tokens
+
+    def event_stream(chunks) -> StreamingResponse:
+        return StreamingResponse(chunks, media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
     def usage(prompt_tokens: int, completion_tokens: int) -> dict:
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                 "total_tokens": prompt_tokens + completion_tokens}
@@ -345,12 +375,7 @@ def create_app(engine: Engine, tokenizer, model_name: str, cfg: ServerConfig = S
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        authorize(request)
-        try:
-            body = CompletionRequest.model_validate(await read_json(request))
-        except ValidationError as e:
-            raise validation_error(e) from None
-        check_model(body.model)
+        body = await read_request(request, CompletionRequest)
         for name, ok in (("echo", not body.echo), ("best_of", body.best_of in (None, 1)), ("suffix", not body.suffix)):
             if not ok:
                 raise APIError(400, f"'{name}' is not supported by this server.", param=name, code="unsupported")
@@ -416,23 +441,12 @@ def create_app(engine: Engine, tokenizer, model_name: str, cfg: ServerConfig = S
                                "choices": [], "usage": usage(prompt_tokens, completion_tokens)})
                 yield "data: [DONE]\n\n"
 
-            return StreamingResponse(chunks(), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return event_stream(chunks())
 
-        texts = [""] * len(jobs)
-        lps: list[list] = [[] for _ in jobs]
-        finish = [None] * len(jobs)
-        completion_tokens = 0
-        async for i, ev in run(request, jobs):
-            if ev.finish_reason == "error":
-                raise APIError(500, ev.error or "generation failed", type="server_error")
-            texts[i] += ev.text
-            lps[i] += ev.logprobs or []
-            if ev.finished:
-                finish[i] = ev.finish_reason
-                completion_tokens += ev.completion_tokens
-        if any(f is None or f == "cancelled" for f in finish):
+        done = await collect(request, jobs)
+        if done is None:
             return JSONResponse({}, status_code=499)  # the client is gone; nobody reads this
+        texts, lps, finish, completion_tokens = done
         choices = []
         for i in range(len(jobs)):
             lp = logprobs_obj(Event("", logprobs=lps[i]), 0) if body.logprobs is not None else None
@@ -442,12 +456,7 @@ def create_app(engine: Engine, tokenizer, model_name: str, cfg: ServerConfig = S
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
-        authorize(request)
-        try:
-            body = ChatRequest.model_validate(await read_json(request))
-        except ValidationError as e:
-            raise validation_error(e) from None
-        check_model(body.model)
+        body = await read_request(request, ChatRequest)
         if body.tools:
             raise APIError(400, "'tools' are not supported by this server.", param="tools", code="unsupported")
         if not body.messages:
@@ -507,23 +516,12 @@ def create_app(engine: Engine, tokenizer, model_name: str, cfg: ServerConfig = S
                     yield chunk([], usage=usage(len(ids) * n, completion_tokens))
                 yield "data: [DONE]\n\n"
 
-            return StreamingResponse(chunks(), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return event_stream(chunks())
 
-        texts = [""] * n
-        lps: list[list] = [[] for _ in range(n)]
-        finish = [None] * n
-        completion_tokens = 0
-        async for i, ev in run(request, jobs):
-            if ev.finish_reason == "error":
-                raise APIError(500, ev.error or "generation failed", type="server_error")
-            texts[i] += ev.text
-            lps[i] += ev.logprobs or []
-            if ev.finished:
-                finish[i] = ev.finish_reason
-                completion_tokens += ev.completion_tokens
-        if any(f is None or f == "cancelled" for f in finish):
+        done = await collect(request, jobs)
+        if done is None:
             return JSONResponse({}, status_code=499)
+        texts, lps, finish, completion_tokens = done
         choices = [{"index": i, "message": {"role": "assistant", "content": texts[i], "refusal": None},
                     "logprobs": {"content": content_logprobs(lps[i])} if body.logprobs else None,
                     "finish_reason": finish[i]} for i in range(n)]

@@ -16,18 +16,11 @@ def main(argv=None) -> int:
                         help="compile the step for the config's mesh/topology, print per-chip memory, exit 0 if it fits")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. steps=50 lora.rank=8")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax narrates every file it writes at INFO
-
-    from sharding.mesh import maybe_initialize_distributed
-    maybe_initialize_distributed()
-    from model.settings import ConfigError
+    from model.settings import start_job
     from train.config import load_config
 
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+    cfg = start_job(load_config, args.config, args.overrides)
+    if cfg is None:
         return 2
     if args.compile_only:
         from train.compile_check import compile_only
