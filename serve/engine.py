@@ -511,11 +511,10 @@ def unstack(state: nnx.State) -> tuple[nnx.State, tuple[nnx.State, ...]]:
 
 def pack_for_cpu(graphdef, rest: nnx.State, layers: tuple[nnx.State, ...]):
     """The unrolled weights with the Dense kernels model/cpu_gemv.cc covers packed for it."""
-    top = nnx.merge(graphdef, nnx.State({**rest, "layers": layers[0]}))
-    block_graphdef = nnx.split(top.layers)[0]
-    packed = cpu_kernels.pack(graphdef, nnx.State({**rest, "layers": layers[0]}))
-    rest = nnx.State({k: v for k, v in packed.items() if k != "layers"})
-    return rest, tuple(cpu_kernels.pack(block_graphdef, layer) for layer in layers)
+    block_graphdef = nnx.split(nnx.merge(graphdef, nnx.State({**rest, "layers": layers[0]})).layers)[0]
+    layers = tuple(cpu_kernels.pack(block_graphdef, layer) for layer in layers)
+    packed = cpu_kernels.pack(graphdef, nnx.State({**rest, "layers": layers[0]}))  # the head; blocks are packed
+    return nnx.State({k: v for k, v in packed.items() if k != "layers"}), layers
 
 
 def step_fn(graphdef, mesh, rules, weights, cache, tokens, positions, segments, rows, last, temperature, top_k, top_p,
