@@ -383,15 +383,25 @@ void run_int4(ffi::ThreadPool* pool, const float* x, const std::vector<Seg>& seg
     TILE_SWITCH_S(tile_int4, S, mr, xq, wt, scale, group, g.y, K, g.N, m0, n0)
 #else
     const int64_t nb = K / QB, ng = K / group;
-    std::vector<float> sw(nb);
-    auto w = [&](int64_t j, int64_t b, int64_t i) {  // i < 64: even input 2i of the block, else odd
-      const uint8_t byte = wt[j * (K / 2) + b * 64 + (i & 63)];
-      const int v = i < 64 ? (byte & 15) : (byte >> 4);
-      return int32_t(v >= 8 ? v - 16 : v);
-    };
+    int8_t wb[QB];  // one block of a weight row, unpacked in the activations' order (even inputs, then odd)
     for (int64_t j = n0; j < n0 + 4; ++j) {
-      for (int64_t b = 0; b < nb; ++b) sw[b] = scale_f32(scale[j * ng + b * QB / group]);
-      for (int64_t i = m0; i < m0 + mr; ++i) g.y[i * g.N + j] = int_dot(xq, i, K, w, j, sw.data());
+      std::vector<float> acc(mr, 0.0f);
+      for (int64_t b = 0; b < nb; ++b) {
+        const uint8_t* bytes = wt + j * (K / 2) + b * 64;
+        for (int i = 0; i < 64; ++i) {
+          wb[i] = static_cast<int8_t>(static_cast<int8_t>(bytes[i] << 4) >> 4);  // low nibble, sign-extended
+          wb[64 + i] = static_cast<int8_t>(static_cast<int8_t>(bytes[i]) >> 4);  // high nibble
+        }
+        const float sw = scale_f32(scale[j * ng + b * QB / group]);
+        for (int64_t i = 0; i < mr; ++i) {
+          const int64_t mb = (m0 + i) * nb + b;
+          const int8_t* q = xq.q.data() + mb * QB;
+          int32_t t = 0;
+          for (int k = 0; k < QB; ++k) t += int32_t(q[k]) * int32_t(wb[k]);
+          acc[i] += static_cast<float>(t) * (xq.s[mb] * sw);
+        }
+      }
+      for (int64_t i = 0; i < mr; ++i) g.y[(m0 + i) * g.N + j] = acc[i];
     }
 #endif
   });
