@@ -169,42 +169,27 @@ inline void prefetch(const void* line) {
   _mm_prefetch(static_cast<const char*>(line) + PREFETCH_BYTES, _MM_HINT_T1);
 }
 
-template <int MR>
-void tile_f32(const float* x, const float* wt, float* y, int64_t K, int64_t N, int64_t m0, int64_t n0) {
-  __m512 acc[MR][4];
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K; k += 16) {
-    __m512 w[4];
-    for (int j = 0; j < 4; ++j) {
-      const float* r = wt + (n0 + j) * K + k;
-      prefetch(r);
-      w[j] = _mm512_loadu_ps(r);
-    }
-    for (int i = 0; i < MR; ++i) {
-      const __m512 xv = _mm512_loadu_ps(x + (m0 + i) * K + k);
-      for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_fmadd_ps(xv, w[j], acc[i][j]);
-    }
-  }
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < 4; ++j) y[(m0 + i) * N + n0 + j] = _mm512_reduce_add_ps(acc[i][j]);
-}
+// Float weights: one 64-byte vector holds 16 float32 (FMA) or 32 bfloat16 (pair dot products).
+inline __m512 vload(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512bh vload(const uint16_t* p) { return (__m512bh)_mm512_loadu_si512(p); }
+inline __m512 madd(__m512 acc, __m512 w, __m512 x) { return _mm512_fmadd_ps(x, w, acc); }
+inline __m512 madd(__m512 acc, __m512bh w, __m512bh x) { return _mm512_dpbf16_ps(acc, w, x); }
 
-template <int MR>
-void tile_bf16(const uint16_t* x, const uint16_t* wt, float* y, int64_t K, int64_t N, int64_t m0, int64_t n0) {
+template <int MR, typename T>
+void tile_float(const T* x, const T* wt, float* y, int64_t K, int64_t N, int64_t m0, int64_t n0) {
   __m512 acc[MR][4];
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K; k += 32) {
-    __m512bh w[4];
+  for (int64_t k = 0; k < K; k += 64 / sizeof(T)) {
+    decltype(vload(wt)) w[4];
     for (int j = 0; j < 4; ++j) {
-      const uint16_t* r = wt + (n0 + j) * K + k;
+      const T* r = wt + (n0 + j) * K + k;
       prefetch(r);
-      w[j] = (__m512bh)_mm512_loadu_si512(r);
+      w[j] = vload(r);
     }
     for (int i = 0; i < MR; ++i) {
-      const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + (m0 + i) * K + k);
-      for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], w[j], xv);
+      const auto xv = vload(x + (m0 + i) * K + k);
+      for (int j = 0; j < 4; ++j) acc[i][j] = madd(acc[i][j], w[j], xv);
     }
   }
   for (int i = 0; i < MR; ++i)
@@ -282,13 +267,6 @@ void tile_int4(const QuantX& xq, const uint8_t* wt, const S* scale, int64_t grou
     for (int j = 0; j < 4; ++j) y[(m0 + i) * N + n0 + j] = _mm512_reduce_add_ps(acc[i][j]);
 }
 
-#define TILE_SWITCH(fn, rows, ...)            \
-  switch (rows) {                             \
-    case 1: fn<1>(__VA_ARGS__); break;        \
-    case 2: fn<2>(__VA_ARGS__); break;        \
-    case 3: fn<3>(__VA_ARGS__); break;        \
-    default: fn<4>(__VA_ARGS__);              \
-  }
 #define TILE_SWITCH_S(fn, S, rows, ...)       \
   switch (rows) {                             \
     case 1: fn<1, S>(__VA_ARGS__); break;     \
@@ -315,24 +293,12 @@ float portable_dot(const T* x, const T* w, int64_t K) {
 // ---------------------------------------------------------------------------------------------------
 // Products over segments sharing x [M, K]; weight_bytes is their total.
 
-void run_f32(ffi::ThreadPool* pool, const float* x, const std::vector<Seg>& segs, int64_t M, int64_t K, int64_t wb) {
-  for_tiles(pool, segs, M, wb, K * 4, [&](const Seg& g, int64_t m0, int64_t mr, int64_t n0) {
-    const float* wt = static_cast<const float*>(g.wt);
+template <typename T>  // float or uint16_t (bfloat16 bits): x and the weights share the type
+void run_float(ffi::ThreadPool* pool, const T* x, const std::vector<Seg>& segs, int64_t M, int64_t K, int64_t wb) {
+  for_tiles(pool, segs, M, wb, K * sizeof(T), [&](const Seg& g, int64_t m0, int64_t mr, int64_t n0) {
+    const T* wt = static_cast<const T*>(g.wt);
 #ifdef LLAMA_JAX_AVX512
-    TILE_SWITCH(tile_f32, mr, x, wt, g.y, K, g.N, m0, n0)
-#else
-    for (int64_t i = m0; i < m0 + mr; ++i)
-      for (int64_t j = n0; j < n0 + 4; ++j) g.y[i * g.N + j] = portable_dot(x + i * K, wt + j * K, K);
-#endif
-  });
-}
-
-void run_bf16(ffi::ThreadPool* pool, const uint16_t* x, const std::vector<Seg>& segs, int64_t M, int64_t K,
-              int64_t wb) {
-  for_tiles(pool, segs, M, wb, K * 2, [&](const Seg& g, int64_t m0, int64_t mr, int64_t n0) {
-    const uint16_t* wt = static_cast<const uint16_t*>(g.wt);
-#ifdef LLAMA_JAX_AVX512
-    TILE_SWITCH(tile_bf16, mr, x, wt, g.y, K, g.N, m0, n0)
+    TILE_SWITCH_S(tile_float, T, mr, x, wt, g.y, K, g.N, m0, n0)
 #else
     for (int64_t i = m0; i < m0 + mr; ++i)
       for (int64_t j = n0; j < n0 + 4; ++j) g.y[i * g.N + j] = portable_dot(x + i * K, wt + j * K, K);
@@ -442,9 +408,9 @@ static ffi::Error Gemv(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::RemainingArg
   const auto xdt = x.element_type();
   const bool f32_scales = sdt == ffi::DataType::F32, bf16_scales = sdt == ffi::DataType::BF16;
   if (wdt == ffi::DataType::F32 && xdt == ffi::DataType::F32 && K % 16 == 0) {
-    run_f32(&pool, static_cast<const float*>(x.untyped_data()), segs, M, K, wb);
+    run_float(&pool, static_cast<const float*>(x.untyped_data()), segs, M, K, wb);
   } else if (wdt == ffi::DataType::BF16 && xdt == ffi::DataType::BF16 && K % 32 == 0) {
-    run_bf16(&pool, static_cast<const uint16_t*>(x.untyped_data()), segs, M, K, wb);
+    run_float(&pool, static_cast<const uint16_t*>(x.untyped_data()), segs, M, K, wb);
   } else if (wdt == ffi::DataType::S8 && xdt == ffi::DataType::F32 && K % QB == 0 && (f32_scales || bf16_scales)) {
     const float* xp = static_cast<const float*>(x.untyped_data());
     f32_scales ? run_int8<float>(&pool, xp, segs, M, K, wb) : run_int8<uint16_t>(&pool, xp, segs, M, K, wb);

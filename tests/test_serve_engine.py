@@ -362,7 +362,7 @@ def test_compile_only_local(capsys):
 
 
 @pytest.mark.parametrize("fmt", ["float32", "bfloat16", "int8", "int4"])
-def test_cpu_kernels_kernels(fmt):
+def test_cpu_gemv_kernels(fmt):
     """model/cpu_gemv.cc against numpy: float kernels on the same weights; integer kernels against the
     arithmetic they implement (activations quantized per block of 128 inputs, exact integer sums),
     several products in one call, row counts across the 4-row tiles and the L2 chunking of x."""
