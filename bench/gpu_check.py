@@ -36,7 +36,7 @@ def timed(f, *args, n=10):
 
 
 def attention_check():
-    from model.attention import cudnn_attention, xla_attention
+    from model.network.attention import cudnn_attention, xla_attention
 
     rng = np.random.default_rng(0)
     B, T, N, K, H = 2, 4096, 32, 8, 128
@@ -98,7 +98,7 @@ def decode_check(preset):
 
 def train_check(preset, T, remat):
     import model
-    from model.lora import LoraConfig
+    from model.network.lora import LoraConfig
     from sharding.mesh import single_device_mesh
     from train.config import OptimizerConfig
     from train.step import init_train_state, make_step_fn, model_flops_per_token, optimizer, split_trainable

@@ -18,7 +18,6 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 
@@ -39,7 +38,7 @@ def main() -> None:
     from train.config import OptimizerConfig
     from train.step import (batch_shardings, init_train_state, make_step_fn, optimizer, split_trainable,
                             train_state_shardings)
-    from model.api import state_shardings
+    from model.network.model import state_shardings
 
     mode = "lora" if args.quant == "bf16" else "qlora"
     job = plan_lib.Job(model=args.model, mode=mode, quant=args.quant, batch=args.batch, seq=args.seq,

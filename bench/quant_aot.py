@@ -1,4 +1,4 @@
-"""Per-device weight bytes of a quantized model: the analytic count (model.quant.weight_bytes) against a
+"""Per-device weight bytes of a quantized model: the analytic count (model.network.model.weight_bytes) against a
 TPU ahead-of-time compile of the quantized forward (memory_analysis().argument_size_in_bytes).
 
     python bench/quant_aot.py [--layers 2] [--topology v6e:2x2] [--mesh tensor=4] [--quant int4]
@@ -24,7 +24,10 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from model import LlamaConfig, abstract_model, quant, state_shardings  # noqa: E402
+from model.network import model as model_weights
+from model import LlamaConfig, abstract_model, state_shardings  # noqa: E402
+
+from model.network import quant
 from sharding.mesh import make_mesh  # noqa: E402
 from sharding.rules import named_sharding, use_mesh  # noqa: E402
 
@@ -60,7 +63,7 @@ def compare(quant_name: str = "int4", layers: int = 2, topology: str = "v6e:2x2"
     compiled = jax.jit(forward).lower(args, tokens).compile()
     seconds = time.perf_counter() - t0
     mem = compiled.memory_analysis()
-    analytic = sum(quant.weight_bytes(cfg, mesh).values())
+    analytic = sum(model_weights.weight_bytes(cfg, mesh).values())
     token_bytes = tokens.sharding.shard_shape(tokens.shape)[0] * tokens.sharding.shard_shape(tokens.shape)[1] * 4
     compiled_args = mem.argument_size_in_bytes - token_bytes
     return dict(bench="quant_aot", quant=qc.name if qc else "bf16", model="llama3.1-405b-width", layers=layers,

@@ -23,8 +23,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from model import quant  # noqa: E402
-from model.quant import QuantConfig  # noqa: E402
+from model.network import quant  # noqa: E402
+from model.network.quant import QuantConfig  # noqa: E402
 
 
 def timed(f, *args, iters: int) -> float:

@@ -35,9 +35,11 @@ import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import model  # noqa: E402
-from model import LlamaConfig, cpu_kernels, quant  # noqa: E402
-from model.quant import QuantConfig  # noqa: E402
-from model.tokenizer import ByteTokenizer  # noqa: E402
+from model.network import model as model_weights
+from model import LlamaConfig  # noqa: E402
+from model.network import cpu_kernels
+from model.network.quant import QuantConfig  # noqa: E402
+from model.formats.tokenizer import ByteTokenizer  # noqa: E402
 
 QUANTS = {
     "int8": QuantConfig(bits=8),
@@ -65,7 +67,7 @@ def serving_forward(graphdef, state, cfg):
     """forward(state, tokens) through the CPU serving path instead (serve/engine.py on one CPU device):
     per-layer weights packed for model/cpu_gemv.cc, whose integer kernels quantize activations to int8,
     and attention by model/cpu_attention.cc over a KV cache."""
-    from model import kv_cache
+    from model.network import kv_cache
     from serve.engine import pack_for_cpu, unstack
 
     weights = pack_for_cpu(graphdef, *unstack(state))
@@ -106,7 +108,7 @@ def random_models():
         tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (8, 128), dtype=np.int32)
         ref = base(tokens)
         for qname, qc in QUANTS.items():
-            qcfg, qstate = quant.quantize_state(base.state, cfg, qc)
+            qcfg, qstate = model_weights.quantize_state(base.state, cfg, qc)
             graphdef, _ = model.abstract_model(qcfg)
             kl, top1 = kl_top1(ref, forward_fn(graphdef)(qstate, tokens))
             emit(bench="quant_quality", part="random_weights", model=name, dim=cfg.dim, layers=cfg.num_layers,
@@ -217,7 +219,7 @@ def trained_model(steps: int, seconds: float, skip_serving: bool = False):
         results["bf16 cpu-serving"] = perplexity(serving_forward(bgraph, bstate, bcfg), None, windows)
     for qname, qc in QUANTS.items():
         # quantized from the bf16 weights (as a bf16 checkpoint would be), computed in bf16
-        qcfg, qstate = quant.quantize_state(bstate, bcfg, qc)
+        qcfg, qstate = model_weights.quantize_state(bstate, bcfg, qc)
         qgraph, _ = model.abstract_model(qcfg)
         results[qname] = perplexity(forward_fn(qgraph), qstate, windows)
         if serving and qname in ("int8", "int4-g128"):  # the CPU kernels' formats (int8 activations)

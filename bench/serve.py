@@ -102,7 +102,7 @@ def weight_bytes_per_token(m) -> int:
     import jax
     from flax import nnx
 
-    from model.quant import array_bytes
+    from model.network.quant import array_bytes
 
     total = 0
     for path, v in nnx.to_flat_state(m.state):
@@ -118,7 +118,7 @@ def weight_bytes_per_token(m) -> int:
 def ours(ckpt: Path | None, dtype: str, quant: str | None, prompt: list[int], new_tokens: int, repeats: int,
          concurrency: int, kv_dtype: str, layout: str = "auto", preset: str | None = None) -> dict:
     import model
-    from model.tokenizer import ByteTokenizer
+    from model.formats.tokenizer import ByteTokenizer
     from serve.config import EngineConfig
     from serve.engine import Engine
     from serve.sampling import SamplingParams
@@ -126,7 +126,7 @@ def ours(ckpt: Path | None, dtype: str, quant: str | None, prompt: list[int], ne
     if ckpt is not None:
         m = model.load(ckpt, dtype=dtype, quant=quant)
     else:  # random weights of a preset on the default device
-        from model import quant as quant_lib
+        from model.network import quant as quant_lib
 
         cfg = model.LlamaConfig.preset(preset, param_dtype=dtype, compute_dtype=dtype, remat="none",
                                        quant=quant_lib.parse(quant))

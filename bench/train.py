@@ -23,7 +23,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import model  # noqa: E402
-from model.lora import LoraConfig  # noqa: E402
+from model.network.lora import LoraConfig  # noqa: E402
 from sharding.mesh import single_device_mesh  # noqa: E402
 from train.config import OptimizerConfig  # noqa: E402
 from train.step import init_train_state, make_step_fn, model_flops_per_token, optimizer, split_trainable  # noqa: E402

@@ -93,8 +93,8 @@ def _train_config(argv, ckpt=None):
         argv = [str(run_dir / "config.yaml")] if run_dir else None
     if not argv:
         return None
-    from model.config import LlamaConfig
-    from model.checkpoint import is_checkpoint, read_config
+    from model.network.config import LlamaConfig
+    from model.formats.checkpoint import is_checkpoint, read_config
     from train.config import load_config
 
     path, overrides = (None, argv) if "=" in argv[0] else (argv[0], argv[1:])
@@ -140,8 +140,8 @@ def _bounded_malloc() -> None:
 
 def _main(args) -> int:
     from convert import distributed
-    from model.checkpoint import CheckpointFormatError
-    from model.safetensors_io import CheckpointError
+    from model.formats.checkpoint import CheckpointFormatError
+    from model.formats.safetensors_io import CheckpointError
 
     _bounded_malloc()
     try:
@@ -161,7 +161,7 @@ def _main(args) -> int:
             orbax_to_hf(args.orbax, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size,
                         block_bytes=int(args.block_mb * 2**20), overwrite=args.overwrite, progress=progress)
         elif args.job == "lora-to-peft":
-            from convert.peft import lora_to_peft
+            from model.formats.peft import lora_to_peft
             lora_to_peft(args.ckpt, args.out, base_model=args.base_model, dtype=args.dtype,
                          config=_train_config(args.config, args.ckpt))
         elif args.job == "merge-lora":

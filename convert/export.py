@@ -29,9 +29,9 @@ from convert import distributed
 from convert.layout import Stream, streams
 from convert.readers import HFReader, OrbaxReader
 from convert.source import HFSource
-from model import checkpoint as ckpt
-from model.config import LlamaConfig
-from model.safetensors_io import SafetensorsWriter
+from model.formats import checkpoint as ckpt
+from model.network.config import LlamaConfig
+from model.formats.safetensors_io import SafetensorsWriter
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ def hf_order(cfg: LlamaConfig, ss: list[Stream]) -> list[tuple[str, Stream, int 
 
 
 def float_streams(cfg: LlamaConfig) -> list[Stream]:
-    from model.api import abstract_model
+    from model.network.model import abstract_model
 
     _, abstract = abstract_model(cfg.replace(quant=None, lora=None))
     return streams(cfg, abstract)
@@ -197,7 +197,7 @@ def orbax_to_hf(orbax_dir, out, *, dtype: str | None = None, **kw) -> Path:
 
 def merge_lora(base, ckpt_dir, out, *, dtype: str = "bfloat16", config: LlamaConfig | None = None, **kw) -> Path:
     """HF checkpoint of base (Orbax or HF directory) + scale · A B for every adapted layer."""
-    from convert.peft import lora_pairs, read_adapters
+    from model.formats.peft import lora_pairs, read_adapters
 
     lcfg, flat = read_adapters(ckpt_dir, config)
     if lcfg.lora is None:

@@ -40,8 +40,8 @@ from tqdm import tqdm
 from convert import distributed
 from convert.layout import Stream, streams
 from convert.source import HFSource
-from model import checkpoint as ckpt
-from model.config import LlamaConfig
+from model.formats import checkpoint as ckpt
+from model.network.config import LlamaConfig
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +98,8 @@ def default_kv_heads(cfg: LlamaConfig) -> int:
 def make_plan(src: HFSource, *, dtype: str = "bfloat16", quant=None, kv_heads: int | None = None,
               mesh: str | dict | None = None, chunk_bytes: int = CHUNK_BYTES,
               block_bytes: int = BLOCK_BYTES) -> Plan:
-    from model import quant as quant_lib
-    from model.api import abstract_model
+    from model.network import quant as quant_lib
+    from model.network.model import abstract_model
 
     cfg_src = src.config
     k = kv_heads or default_kv_heads(cfg_src)
@@ -320,7 +320,7 @@ def _quantizer(qc, in_shape, out_shape):
     import jax
     import jax.numpy as jnp
 
-    from model import quant as quant_lib
+    from model.network import quant as quant_lib
     return jax.jit(lambda w: quant_lib.quantize(jnp.asarray(w, jnp.float32), qc, in_shape, out_shape))
 
 

@@ -21,8 +21,8 @@ import math
 
 import numpy as np
 
-from model import hf_format
-from model.config import LlamaConfig
+from model.formats import hf_format
+from model.network.config import LlamaConfig
 
 # Every dimension different, so that a transpose can never look like the identity.
 _PROBE = LlamaConfig(vocab_size=17, dim=10, mlp_dim=22, num_layers=1, num_heads=4, num_kv_heads=2,

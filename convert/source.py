@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from model.config import LlamaConfig
-from model.safetensors_io import DTYPES, CheckpointError, HFCheckpoint
+from model.network.config import LlamaConfig
+from model.formats.safetensors_io import DTYPES, CheckpointError, HFCheckpoint
 
 _TORCH_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32", "float": "F32", "half": "F16"}
 
@@ -35,7 +35,7 @@ class HFSource:
         self._hf_config = json.loads((self.dir / "config.json").read_text())
         self._check_duplicate_keys()
         self._check_overlaps()
-        from model.api import check_hf_tensors  # missing, extra, shapes
+        from model.formats.load import check_hf_tensors  # missing, extra, shapes
         check_hf_tensors(self.ckpt, self.config)
         self._check_dtypes()
         self._fds: dict[str, int] = {}

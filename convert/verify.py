@@ -20,7 +20,7 @@ from tqdm import tqdm
 from convert.layout import streams
 from convert.readers import OrbaxReader
 from convert.source import HFSource
-from model import checkpoint as ckpt
+from model.formats import checkpoint as ckpt
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class Row:
 
 
 def verify(orbax_dir, hf_dir, *, block_bytes: int = BLOCK_BYTES, progress: bool = True, out=None) -> bool:
-    from model.api import abstract_model
+    from model.network.model import abstract_model
 
     out = out or sys.stdout
     reader = OrbaxReader(orbax_dir)
@@ -102,7 +102,7 @@ def _check_exact(row: Row, name: str, want: np.ndarray, got: np.ndarray) -> None
 
 
 def _check_quant(row, name, theirs, reader, s, layer, a, b) -> None:
-    from model import quant
+    from model.network import quant
 
     q = reader.read_raw(s, layer, a, b)
     sc = reader.read_scale(s, layer, a, b)

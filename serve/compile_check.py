@@ -4,7 +4,7 @@ the config's topology and mesh, print per-chip memory, and say whether it fits.
 `topology` names the hardware: a TPU slice (v6e-8, v6e-16, …) is compiled ahead of time with libtpu
 on this machine (no TPU needed; sharding/topology.py gives its devices); a GPU node (h100x8, …) is
 compiled when its GPUs are attached, else planned from exact shard sizes (weights via
-model.quant.weight_bytes, the KV cache via model/kv_cache.py) with no compiler numbers; unset: this
+model.network.model.weight_bytes, the KV cache via model/kv_cache.py) with no compiler numbers; unset: this
 machine's own devices. Nothing is allocated: weights and cache are abstract shapes with their
 shardings. Exit status: 0 fits, 1 does not fit, 2 bad config.
 """
@@ -20,8 +20,9 @@ import time
 import jax
 import jax.numpy as jnp
 
-from model import kv_cache
-from model.config import LlamaConfig
+from model.network import model as model_weights
+from model.network import kv_cache
+from model.network.config import LlamaConfig
 
 log = logging.getLogger("serve")
 GiB = 1 << 30
@@ -29,8 +30,8 @@ GiB = 1 << 30
 
 def model_config(cfg) -> LlamaConfig:
     """The LlamaConfig `python -m serve` would build for `cfg` (without reading any weights)."""
-    from model import checkpoint as ckpt
-    from model import quant as quant_lib
+    from model.formats import checkpoint as ckpt
+    from model.network import quant as quant_lib
 
     spec = cfg.model
     if spec.checkpoint:
@@ -52,7 +53,7 @@ def lower_step(mcfg: LlamaConfig, mesh, *, batch: int, tokens: int, slots: int, 
                kv_dtype: str, rules=None, num_top: int = 0) -> jax.stages.Lowered:
     """Lowers the engine's step (serve/engine.py `step_fn`) from abstract shapes: `batch` rows of
     `tokens` new tokens attending over `kv_len` positions of a [slots, max_len] cache."""
-    from model.api import abstract_model, state_shardings
+    from model.network.model import abstract_model, state_shardings
     from serve.engine import step_fn
     from sharding.rules import SERVE_RULES, abstract_arrays
 
@@ -88,13 +89,13 @@ def _memory(compiled) -> dict:
 
 def analytic(mcfg: LlamaConfig, mesh_sizes: dict, slots: int, max_len: int, kv_dtype: str, rules=None) -> dict:
     """Exact per-chip bytes of the weights and the KV cache (largest shard), no compiler."""
-    from model import quant as quant_lib
+    from model.network import quant as quant_lib
     from sharding.mesh import AXES
     from sharding.rules import SERVE_RULES, shard_shape
 
     rules = SERVE_RULES if rules is None else rules
     amesh = jax.sharding.AbstractMesh(tuple(mesh_sizes[a] for a in AXES), AXES)
-    weights = sum(quant_lib.weight_bytes(mcfg, amesh, rules).values())
+    weights = sum(model_weights.weight_bytes(mcfg, amesh, rules).values())
     kvd = kv_cache.resolve_dtype(kv_dtype, mcfg)
     abs_cache = kv_cache.abstract(mcfg, slots, max_len, kvd)
     cache = 0

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from model import settings
+from model.job import settings
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 

@@ -50,8 +50,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from model import cpu_kernels, kv_cache
-from model.api import Model
+from model.network import cpu_kernels, kv_cache
+from model.network.model import Model
 from serve import sampling
 from serve.config import EngineConfig
 from serve.sampling import SamplingParams

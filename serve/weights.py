@@ -21,13 +21,13 @@ from flax import nnx
 from jax.sharding import Mesh
 
 import model as model_lib
-from model import hf_format
-from model import lora as lora_lib
-from model import quant as quant_lib
-from model.api import Model, state_shardings
-from model.config import LlamaConfig
-from model.safetensors_io import CheckpointError, SafetensorsFile
-from model.tokenizer import load_tokenizer
+from model.formats import hf_format
+from model.network import lora as lora_lib
+from model.network import quant as quant_lib
+from model.network.model import Model, state_shardings
+from model.network.config import LlamaConfig
+from model.formats.safetensors_io import CheckpointError, SafetensorsFile
+from model.formats.tokenizer import load_tokenizer
 from serve.config import ModelSpec
 
 log = logging.getLogger("serve.weights")
@@ -116,8 +116,8 @@ def read_adapter(path, cfg: LlamaConfig) -> tuple[lora_lib.LoraConfig, dict]:
     run directory (LoRA config from the run's config.yaml)."""
     if is_peft_dir(path):
         return read_peft(path, cfg)
-    from convert.peft import find_adapter_checkpoint, read_adapters  # this project's checkpoint formats
-    from model import checkpoint as ckpt
+    from model.formats.peft import find_adapter_checkpoint, read_adapters  # this project's checkpoint formats
+    from model.formats import checkpoint as ckpt
 
     try:
         find_adapter_checkpoint(path)
@@ -138,7 +138,7 @@ def _run_lora_config(path) -> lora_lib.LoraConfig | None:
     """The `lora` section of the config.yaml that `python -m train` writes into its run directory."""
     import yaml
 
-    from model import settings
+    from model.job import settings
 
     p = Path(path)
     for d in (p, *p.parents[:2]):
@@ -206,7 +206,7 @@ def build(spec: ModelSpec, mesh: Mesh) -> tuple[Model, object, str]:
     overrides = dict(attention=spec.attention, scan_layers=spec.scan_layers, remat="none")
     qc = quant_lib.parse(spec.quant)
     if spec.checkpoint:
-        from model import checkpoint as ckpt
+        from model.formats import checkpoint as ckpt
 
         base_cfg = ckpt.read_config(spec.checkpoint) if ckpt.is_checkpoint(spec.checkpoint) else \
             LlamaConfig.from_hf(spec.checkpoint)

@@ -73,7 +73,7 @@ class Job:
             raise PlanError(f"--mode lora trains adapters on a bf16 base; with --quant {self.quant} use --mode qlora")
         if self.mode == "full" and self.quant != "bf16":
             raise PlanError("--mode full trains every weight: it needs --quant bf16")
-        from model.llama import REMAT_POLICIES
+        from model.network.llama import REMAT_POLICIES
 
         if self.remat not in REMAT_POLICIES:
             raise PlanError(f"--remat {self.remat!r}: expected one of {', '.join(REMAT_POLICIES)}")
@@ -90,9 +90,9 @@ class Job:
 
 def model_config(job: Job):
     """The LlamaConfig the job runs: quantized base, adapters, remat policy, depth."""
-    from model import lora as lora_lib
-    from model import quant as quant_lib
-    from model.config import PRESETS, LlamaConfig
+    from model.network import lora as lora_lib
+    from model.network import quant as quant_lib
+    from model.network.config import PRESETS, LlamaConfig
 
     if job.model in PRESETS:
         cfg = PRESETS[job.model]
@@ -123,7 +123,7 @@ def model_config(job: Job):
 # The analytic estimate
 
 def _itemsize(dtype) -> float:
-    from model.quant import dtype_bits
+    from model.network.quant import dtype_bits
 
     return dtype_bits(dtype) / 8
 
@@ -142,7 +142,7 @@ class _Tree:
 def _tree_facts(cfg, mesh, rules) -> _Tree:
     from flax import nnx
 
-    from model.api import abstract_model
+    from model.network.model import abstract_model
     from sharding.rules import logical_to_spec, shard_shape
 
     _, abstract = abstract_model(cfg)
@@ -199,7 +199,7 @@ MESH_HEADROOM = 0.10  # the default mesh is the simplest whose estimate leaves t
 
 def estimate(job: Job, mesh, platform: str = "tpu") -> dict[str, int]:
     """Per-device bytes by category for `job` on `mesh` (a Mesh or AbstractMesh with the AXES names)."""
-    from model import attention
+    from model.network import attention
     from sharding.rules import logical_to_spec, rules_for
 
     cfg = model_config(job)
@@ -339,8 +339,8 @@ def lower_serve(cfg, mesh, batch: int, prefill: int, kv_len: int):
     import jax.numpy as jnp
     from flax import nnx
 
-    from model.api import abstract_model, state_shardings
-    from model.llama import Llama
+    from model.network.model import abstract_model, state_shardings
+    from model.network.llama import Llama
     from sharding.rules import SERVE_RULES, abstract_arrays, named_sharding, use_mesh
 
     try:  # the serving engine's own step (serve/engine.py), when serve/ is there
@@ -356,7 +356,7 @@ def lower_serve(cfg, mesh, batch: int, prefill: int, kv_len: int):
     tok_sh = named_sharding(("batch", "length"), mesh, (batch, prefill), SERVE_RULES, what="prompt tokens")
     tokens = jax.ShapeDtypeStruct((batch, prefill), jnp.int32, sharding=tok_sh)
     try:
-        from model import kv_cache
+        from model.network import kv_cache
     except ImportError:
         kv_cache = None
     if kv_cache is not None and "cache" in inspect.signature(Llama.__call__).parameters:

@@ -19,9 +19,9 @@ import torch
 import model
 from convert.__main__ import main
 from convert.hf_to_orbax import convert, default_kv_heads
-from model import checkpoint as ckpt
-from model.config import LlamaConfig
-from model.safetensors_io import HFCheckpoint, SafetensorsWriter
+from model.formats import checkpoint as ckpt
+from model.network.config import LlamaConfig
+from model.formats.safetensors_io import HFCheckpoint, SafetensorsWriter
 from sharding.mesh import make_mesh
 from tests import hf_reference
 
@@ -363,7 +363,7 @@ def test_existing_output_is_not_overwritten(hf_checkpoint, tmp_path, capsys):
 # LoRA -> PEFT, merge
 
 def _lora_model(path, rslora: bool, lc=None):
-    from model.lora import LoraConfig
+    from model.network.lora import LoraConfig
 
     lc = lc or LoraConfig(rank=8, alpha=16.0, rslora=rslora)
     m = model.load(path, dtype="float32", lora=lc)
@@ -380,7 +380,7 @@ def test_peft_export_gives_our_logits_in_peft(hf_checkpoint, tmp_path, capsys, r
     import peft
     from flax import nnx
 
-    from convert.peft import export_peft
+    from model.formats.peft import export_peft
 
     path, ref = hf_checkpoint()
     m = _lora_model(path, rslora)
@@ -421,12 +421,12 @@ def test_lora_to_peft_from_a_training_run(hf_checkpoint, tmp_path, capsys):
     no model config inside) exports, given the run's config, to the adapter of its newest step."""
     from flax import nnx
 
-    from convert.peft import export_peft
+    from model.formats.peft import export_peft
     from train import checkpoints
 
     path, _ = hf_checkpoint()
     over = [f"model.checkpoint={path}", "model.dtype=float32", "lora.rank=8", "lora.alpha=16"]
-    from model.lora import LoraConfig
+    from model.network.lora import LoraConfig
     m = _lora_model(path, False, LoraConfig(rank=8, alpha=16.0))
     params = m.state.filter(nnx.LoRAParam)
     mgr = checkpoints.manager(tmp_path / "run" / "checkpoints", keep=2)

@@ -11,7 +11,7 @@ import pytest
 
 import model
 from model import LlamaConfig, abstract_model, logical_axes
-from model.safetensors_io import CheckpointError
+from model.formats.safetensors_io import CheckpointError
 
 
 @pytest.mark.parametrize("name,count", [("llama3.1-8b", 8_030_261_248), ("llama3.1-70b", 70_553_706_496),
@@ -114,7 +114,7 @@ def test_config_unknown_rope_type(ckpt_copy):
 
 
 def _rewrite_tensors(path, edit):
-    from model.safetensors_io import SafetensorsFile, SafetensorsWriter
+    from model.formats.safetensors_io import SafetensorsFile, SafetensorsWriter
     src = SafetensorsFile(path / "model.safetensors")
     tensors = edit({n: src.read(n) for n in src.tensors})
     w = SafetensorsWriter(path / "model.safetensors", [(n, a.dtype, a.shape) for n, a in tensors.items()])

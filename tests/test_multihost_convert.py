@@ -11,7 +11,7 @@ import numpy as np
 
 import model
 from convert.hf_to_orbax import convert
-from model import checkpoint as ckpt
+from model.formats import checkpoint as ckpt
 from tests.test_convert import same_hf_tensors, same_tree
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -8,7 +8,7 @@ import pytest
 
 from sharding import plan as plan_lib
 from sharding import topology
-from sharding.plan import Job, PlanError
+from sharding.plan import Job
 
 GiB = 1 << 30
 B405_BF16 = 811_706_777_600  # llama31.md: 405B bf16 bytes
@@ -108,7 +108,7 @@ def test_smallest_slices():
 
 
 def test_hf_config_json_model(tmp_path):
-    from model.config import PRESETS
+    from model.network.config import PRESETS
 
     (tmp_path / "config.json").write_text(json.dumps(PRESETS["llama3.1-8b"].to_hf()))
     r = plan_lib.plan(Job(model=str(tmp_path / "config.json"), mode="lora"), "h100x1", "fsdp=1", headroom=0.0)
@@ -146,7 +146,7 @@ def test_full_finetuning_keeps_the_optimizer_state_dtype_so_it_is_donated():
     donated input (an fp32 drift would double the optimizer state's memory)."""
     import jax
 
-    from model.config import LlamaConfig
+    from model.network.config import LlamaConfig
     from sharding.mesh import make_mesh
     from train.step import lower_step
 

@@ -9,8 +9,10 @@ import pytest
 from flax import nnx
 
 import model
-from model import LlamaConfig, abstract_model, quant, state_shardings
-from model.quant import QuantConfig
+from model.network import model as model_weights
+from model import LlamaConfig, abstract_model, state_shardings
+from model.network import quant
+from model.network.quant import QuantConfig
 from sharding.mesh import make_mesh
 
 # Quality thresholds for the random-weight toy model (fp32, tests/hf_reference.py weights), measured
@@ -83,8 +85,8 @@ def test_input_gradient_through_the_chunked_matmul(platform, monkeypatch):
 def test_qlora_adapters_train_on_an_int4_base():
     """A dense layer with an int4 base and LoRA adapters: only the adapters are parameters to train,
     and their gradients flow through the quantized matmul."""
-    from model.layers import Dense
-    from model.lora import LoraConfig
+    from model.network.layers import Dense
+    from model.network.lora import LoraConfig
 
     cfg = LlamaConfig.preset("toy", quant="int4-g32", lora=LoraConfig(rank=4))
     dense = Dense("o", "BTNH,NHD->BTD", (4, 32), (128,), ("heads", "head_dim", "embed"), cfg=cfg,
@@ -223,7 +225,7 @@ def test_load_quantizes_per_tensor_like_quantize_state_and_shards_scales_with_we
     path, m, tokens, _ = toy
     mesh = make_mesh("fsdp=2,tensor=2", devices=jax.devices()[:4])
     mq = model.load(path, dtype="float32", quant="int4-g32", mesh=mesh)
-    _, expect = quant.quantize_state(m.state, m.config, "int4-g32")
+    _, expect = model_weights.quantize_state(m.state, m.config, "int4-g32")
     for (p, a), (_, b) in zip(nnx.to_flat_state(mq.state), nnx.to_flat_state(expect)):
         assert a.dtype == b.dtype and np.array_equal(np.asarray(a[...]), np.asarray(b[...])), p
     shardings = dict(nnx.to_flat_state(state_shardings(mq.state, mesh)))
@@ -244,7 +246,7 @@ def test_lm_head_quantized_when_configured(toy):
     head = mq.state["lm_head"]
     assert head["kernel"].dtype == jnp.int8 and head["scale"].shape == (m.config.vocab_size,)
     assert mq.state["embed"]["embedding"].dtype == jnp.float32
-    _, expect = quant.quantize_state(m.state, m.config, qc)
+    _, expect = model_weights.quantize_state(m.state, m.config, qc)
     assert np.array_equal(np.asarray(head["kernel"][...]), np.asarray(expect["lm_head"]["kernel"][...]))
     kl, top1 = _kl_top1(ref, np.asarray(mq(tokens)))
     assert kl < INT8_MAX_KL and top1 >= INT8_MIN_TOP1, (kl, top1)
@@ -267,9 +269,9 @@ def test_405b_scales_shard_like_the_kernel_dims_they_index():
 def test_weight_bytes_are_exact_and_include_scales():
     cfg = LlamaConfig.preset("llama3.1-405b")
     D, N, H, L, F = cfg.dim, cfg.num_heads, cfg.head_dim, cfg.num_layers, cfg.mlp_dim
-    b16 = quant.weight_bytes(cfg)
-    b8 = quant.weight_bytes(cfg.replace(quant="int8"))
-    b4 = quant.weight_bytes(cfg.replace(quant="int4"))
+    b16 = model_weights.weight_bytes(cfg)
+    b8 = model_weights.weight_bytes(cfg.replace(quant="int8"))
+    b4 = model_weights.weight_bytes(cfg.replace(quant="int4"))
     assert sum(b16.values()) == 2 * cfg.num_params()
     assert b4["layers/attn/q/kernel"] == L * D * N * H // 2 and b4["layers/attn/q/scale"] == L * D // 128 * N * H * 2
     assert b8["layers/mlp/down/kernel"] == L * F * D and b8["layers/mlp/down/scale"] == L * D * 2
@@ -281,7 +283,7 @@ def test_weight_bytes_are_exact_and_include_scales():
     assert sum(b8.values()) == quantized + L * (N * H + 2 * cfg.num_kv_heads * H + D + 2 * F + D) * 2 + \
         2 * (cfg.num_params() - quantized)
     mesh = make_mesh("fsdp=2,tensor=4")
-    per_device = quant.weight_bytes(cfg.replace(quant="int4"), mesh)
+    per_device = model_weights.weight_bytes(cfg.replace(quant="int4"), mesh)
     assert per_device["layers/attn/q/kernel"] == b4["layers/attn/q/kernel"] // 8
     assert per_device["layers/attn/q/scale"] == b4["layers/attn/q/scale"] // 8
 
@@ -289,7 +291,7 @@ def test_weight_bytes_are_exact_and_include_scales():
 def test_quantized_state_round_trips_through_orbax(toy, tmp_path):
     """model.checkpoint.save of a quantized, sharded state, then model.load of the Orbax directory:
     same int4 kernels and scales, in the shardings of the logical rules, same logits."""
-    from model import checkpoint
+    from model.formats import checkpoint
 
     path, _, tokens, _ = toy
     mesh = make_mesh("fsdp=2,tensor=2", devices=jax.devices()[:4])

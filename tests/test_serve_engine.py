@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import model
-from model.tokenizer import ByteTokenizer
+from model.formats.tokenizer import ByteTokenizer
 from serve.config import EngineConfig, ModelSpec
 from serve.engine import Engine, TextStream, bucket, buckets
 from serve.sampling import SamplingParams, sample
@@ -241,8 +241,8 @@ def test_quantized_weights(hf, hf_checkpoint, one_device, dtype, quant, wide):
     """The engine over int8/int4/bf16 weights gives the tokens of the same model run without a cache (XLA's
     dot). On one CPU device the engine runs unrolled layers with model/cpu_gemv.cc (`wide`: dims that the
     integer kernels take; otherwise those layers stay with XLA) and a 16-bit cache as bits."""
-    from model import cpu_kernels
-    from model.layers import Dense
+    from model.network import cpu_kernels
+    from model.network.layers import Dense
 
     path = hf_checkpoint(dim=128, mlp=256, heads=4, kv_heads=2, head_dim=32)[0] if wide else hf[0]
     m = model.load(path, dtype=dtype, quant=quant, mesh=one_device)
@@ -312,8 +312,8 @@ def test_lora_adapter_from_project_checkpoint(hf, one_device, tmp_path):
     load gives the tokens of the model that applies the same adapters on the fly."""
     from flax import nnx
 
-    from model import checkpoint as ckpt
-    from model.lora import LoraConfig
+    from model.formats import checkpoint as ckpt
+    from model.network.lora import LoraConfig
     from serve.weights import build, set_adapters
 
     lc = LoraConfig(rank=4, alpha=8.0)
@@ -366,7 +366,7 @@ def test_cpu_gemv_kernels(fmt):
     """model/cpu_gemv.cc against numpy: float kernels on the same weights; integer kernels against the
     arithmetic they implement (activations quantized per block of 128 inputs, exact integer sums),
     several products in one call, row counts across the 4-row tiles and the L2 chunking of x."""
-    from model import cpu_kernels, quant
+    from model.network import cpu_kernels, quant
 
     if not cpu_kernels.available():
         pytest.skip("no C++ compiler: the engine uses XLA's dot instead")
@@ -408,7 +408,7 @@ def test_cpu_attention_kernel(dtype, H):
     """model/cpu_attention.cc against the XLA path it replaces (kv_cache.LayerCache.update + attend): rows
     in different slots, several new tokens with padding, GQA, a cache in float32 or bfloat16 bits; head
     dims 64 and 128 take the AVX-512 path where there is one, 32 the portable one."""
-    from model import cpu_kernels, kv_cache
+    from model.network import cpu_kernels, kv_cache
 
     if not cpu_kernels.available():
         pytest.skip("no C++ compiler: the engine uses XLA's ops instead")

@@ -2,7 +2,7 @@
 
 import pytest
 
-from model.settings import ConfigError
+from model.job.settings import ConfigError
 from serve.config import load_config as serve_config
 from train.config import load_config as train_config
 

@@ -10,7 +10,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 import model
-from model import attention
+from model.network import attention
 from sharding import mesh as mesh_lib
 from sharding import rules
 
@@ -71,7 +71,7 @@ def _check_every_parameter(state, mesh):
 
 
 def test_lora_and_quantized_trees_follow_the_rules():
-    from model.lora import LoraConfig
+    from model.network.lora import LoraConfig
 
     cfg = model.LlamaConfig.preset("toy", lora=LoraConfig(rank=8), quant="int8", vocab_size=256)
     mesh = mesh_lib.make_mesh("fsdp=4,tensor=2")  # toy: 2 KV heads

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from model.tokenizer import Tokenizer
+from model.formats.tokenizer import Tokenizer
 
 MODEL_FILE = importlib.resources.files("llama_models") / "llama3" / "tokenizer.model"
 

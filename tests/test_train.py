@@ -15,8 +15,8 @@ import pytest
 from flax import nnx
 
 import model
-from model.lora import LoraConfig
-from model.tokenizer import ByteTokenizer
+from model.network.lora import LoraConfig
+from model.formats.tokenizer import ByteTokenizer
 from train import data as data_lib
 from train.config import load_config
 from train.loop import run

@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from model import settings
-from model.lora import LoraConfig
+from model.job import settings
+from model.network.lora import LoraConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from model.tokenizer import Tokenizer
+from model.formats.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 

@@ -17,10 +17,10 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 import model
-from model import settings
-from model import quant
-from model.api import abstract_model, state_shardings
-from model.tokenizer import load_tokenizer
+from model.network import model as model_weights
+from model.job import settings
+from model.network.model import abstract_model, state_shardings
+from model.formats.tokenizer import load_tokenizer
 from sharding.mesh import make_mesh
 from train import checkpoints
 from train import data as data_lib
@@ -62,7 +62,7 @@ def build_model(cfg: TrainConfig, mesh) -> model.Model:
     m = model.init(mcfg, seed=cfg.seed, mesh=mesh)
     if not spec.quant:
         return m
-    qcfg, qstate = quant.quantize_state(m.state, mcfg, spec.quant)
+    qcfg, qstate = model_weights.quantize_state(m.state, mcfg, spec.quant)
     graphdef, _ = abstract_model(qcfg)
     qstate = jax.jit(lambda s: s, out_shardings=state_shardings(qstate, mesh))(qstate)
     return model.Model(graphdef, qstate, qcfg, mesh)
@@ -249,7 +249,7 @@ def run(cfg: TrainConfig) -> dict:
 
 def export_adapter(params, mcfg, out_dir: Path, cfg: TrainConfig):
     try:
-        from convert.peft import export_peft
+        from model.formats.peft import export_peft
     except ImportError:
         log.warning("PEFT export is not available in this build; adapters are in the checkpoints")
         return

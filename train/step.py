@@ -13,9 +13,9 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from model import lora
-from model.api import abstract_model, state_shardings
-from model.config import LlamaConfig
+from model.network import lora
+from model.network.model import abstract_model, state_shardings
+from model.network.config import LlamaConfig
 from sharding.rules import abstract_arrays, named_sharding, use_mesh
 from train.config import OptimizerConfig
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -39,10 +38,6 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
-if TYPE_CHECKING:  # model.config does not import this module; keep it that way (no cycle)
-    from jax.sharding import Mesh
-
-    from model.config import LlamaConfig
 
 TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # the default: every block projection
 QUANTIZABLE = (*TARGETS, "lm_head")  # the LM head only when asked for; the embedding stays float
@@ -186,39 +181,6 @@ def layer_dims(qc: QuantConfig, kernel_shape, scale_shape) -> tuple[tuple[int, .
     return tuple(kernel_shape[:k]), tuple(kernel_shape[k:])
 
 
-def quantize_state(state: nnx.State, cfg: LlamaConfig, quant) -> tuple[LlamaConfig, nnx.State]:
-    """A float model's state (in memory) -> (config with quant, quantized state). Everything but the
-    targeted kernels is kept as it is. For models that fit in memory; `model.load(path, quant=…)`
-    streams a checkpoint instead."""
-    from model.api import abstract_model  # model.api imports this module
-
-    qc = parse(quant)
-    qcfg = cfg.replace(quant=qc)
-    _, target = abstract_model(qcfg)
-    src = dict(nnx.to_flat_state(state))
-    for path, var in nnx.to_flat_state(target):
-        if path[-1] == "scale" and path[:-1] + ("kernel",) in src and (path[:-1] + ("scale",)) not in src:
-            continue  # filled with its kernel below
-        w = src[path]
-        w = w.get_value() if isinstance(w, nnx.Variable) else w
-        if path[-1] == "kernel" and jnp.issubdtype(var.dtype, jnp.integer):
-            svar = _get_var(target, path[:-1] + ("scale",))
-            n_lead = 1 if (var.get_metadata().get("out_sharding") or (None,))[0] == "layers" else 0
-            in_shape, out_shape = layer_dims(qc, var.shape[n_lead:], svar.shape[n_lead:])
-            q, sc = quantizer(qc, in_shape, out_shape)(w)
-            var.set_value(q)
-            svar.set_value(sc)
-        else:
-            var.set_value(w)
-    return qcfg, target
-
-
-def _get_var(state, path):
-    for k in path:
-        state = state[k]
-    return state
-
-
 # ---------------------------------------------------------------------------------------------
 # The matmul
 
@@ -358,28 +320,3 @@ def dtype_bits(dtype) -> int:
 def array_bytes(shape, dtype) -> int:
     """Bytes of an array as stored on device: int4 packed two per byte (rounded up to whole bytes)."""
     return -(-math.prod(shape) * dtype_bits(dtype) // 8)
-
-
-def weight_bytes(cfg: LlamaConfig, mesh: Mesh | None = None, rules=None) -> dict[str, int]:
-    """Exact bytes of every parameter ("layers/attn/q/kernel", "layers/attn/q/scale", …) of `cfg`
-    (quantized when cfg.quant is set): global bytes, or with `mesh` the bytes of one device's shard
-    under the logical rules (the largest shard when a dimension splits unevenly)."""
-    from model.api import abstract_model, state_shardings  # import here: model.api imports this module
-    from sharding.rules import RULES
-
-    _, abstract = abstract_model(cfg)
-    shardings = state_shardings(abstract, mesh, rules or RULES) if mesh is not None else None
-    out = {}
-    for path, v in nnx.to_flat_state(abstract):
-        key = "/".join(str(k) for k in path)
-        shape = v.shape
-        if shardings is not None:
-            shape = _get(shardings, path).shard_shape(v.shape)
-        out[key] = array_bytes(shape, v.dtype)
-    return out
-
-
-def _get(tree, path):
-    for k in path:
-        tree = tree[k]
-    return tree.get_value() if isinstance(tree, nnx.Variable) else tree

@@ -36,14 +36,16 @@ import dataclasses
 import json
 import math
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
 from etils import epath
 from flax import nnx
 
-from model.config import LlamaConfig, RopeScaling
+from model.network.config import LlamaConfig, RopeScaling
+from model.network.lora import LoraConfig
+from model.network.model import tree_get
+from model.network.quant import QuantConfig
 
 FORMAT, VERSION = "llama31", 1
 METADATA_FILE = "_METADATA"
@@ -117,10 +119,8 @@ def config_from_json(d: dict, where: str = "checkpoint") -> LlamaConfig:
         d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
     d["eos_token_ids"] = tuple(d.get("eos_token_ids", (128001,)))
     if d.get("quant") is not None:
-        from model.quant import QuantConfig
         d["quant"] = QuantConfig(**d["quant"])
     if d.get("lora") is not None:
-        from model.lora import LoraConfig
         d["lora"] = LoraConfig(**d["lora"])
     return LlamaConfig(**d)
 
@@ -290,34 +290,8 @@ def restore(path, abstract: nnx.State, shardings: nnx.State, optional=lambda pat
     state = jax.tree.map(lambda x: x, abstract)  # a copy of the tree, filled below
     for p, v in nnx.to_flat_state(state):
         if p not in skipped:
-            v.set_value(_get(restored, p))
+            v.set_value(tree_get(restored, p))
     return state, skipped
-
-
-def load(path, *, dtype: str = "bfloat16", quant=None, mesh=None, **config_overrides):
-    """`model.load(path)` for an Orbax checkpoint: config from the checkpoint, arrays straight into
-    `mesh` (one device when None). Float parameters come out in `dtype` (the compute dtype too).
-    A quantized checkpoint loads quantized; `quant`, if given, must be what it was converted with."""
-    from model.api import Model, abstract_model, state_shardings  # model.api dispatches here
-    from sharding.mesh import single_device_mesh
-
-    cfg = read_config(path)
-    if quant is not None:
-        from model.quant import parse
-        if parse(quant) != cfg.quant:
-            have = cfg.quant.name if cfg.quant is not None else "not quantized"
-            raise CheckpointFormatError(f"{path}: quant={quant!r} requested, but the checkpoint is {have}; "
-                                        f"quantize when converting (python -m convert hf-to-orbax --quant …)")
-    cfg = cfg.replace(param_dtype=dtype, compute_dtype=dtype, **config_overrides)
-    mesh = mesh or single_device_mesh()
-    graphdef, abstract = abstract_model(cfg)
-    # LoRA adapters asked for (cfg.lora) but not in the checkpoint start fresh, as with an HF directory
-    state, fresh = restore(path, abstract, state_shardings(abstract, mesh),
-                           optional=lambda p, v: isinstance(v, nnx.LoRAParam))
-    if fresh:
-        from model.api import init_adapters
-        init_adapters(cfg, state, mesh)
-    return Model(graphdef, state, cfg, mesh)
 
 
 def read_params(path, select=lambda path: True) -> dict[tuple[str, ...], np.ndarray]:
@@ -329,12 +303,6 @@ def _set(tree: dict, path, value):
     for k in path[:-1]:
         tree = tree.setdefault(k, {})
     tree[path[-1]] = value
-
-
-def _get(tree, path):
-    for k in path:
-        tree = tree[k]
-    return tree
 
 
 def chunk_shape(shape, itemsize: float, *, stacked: bool, row_axis: int, shard_shape=None,

@@ -17,8 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from model import cpu_kernels, lora, quant
-from model.config import LlamaConfig
+from model.network import cpu_kernels, lora, quant
+from model.network.config import LlamaConfig
 
 # Logical names are metadata only: shardings are derived from them explicitly (sharding/rules.py).
 nnx.use_eager_sharding(False)

@@ -11,10 +11,10 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name as name
 
-from model import kv_cache, lora
-from model.attention import attend, choose
-from model.config import LlamaConfig
-from model.layers import Dense, Embed, RMSNorm, apply_rope, project, rope_frequencies
+from model.network import kv_cache, lora
+from model.network.attention import attend, choose
+from model.network.config import LlamaConfig
+from model.network.layers import Dense, Embed, RMSNorm, apply_rope, project, rope_frequencies
 from sharding.rules import constrain
 
 # Remat policies by config name. Names given with `checkpoint_name` below: "attn_proj" marks the

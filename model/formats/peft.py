@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from model import checkpoint as ckpt
-from model import hf_format
-from model.config import LlamaConfig
-from model.safetensors_io import SafetensorsWriter
+from model.formats import checkpoint as ckpt
+from model.formats import hf_format
+from model.network.config import LlamaConfig
+from model.formats.safetensors_io import SafetensorsWriter
 
 log = logging.getLogger(__name__)
 

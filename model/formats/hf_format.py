@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from model.config import LlamaConfig
+from model.network.config import LlamaConfig
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,6 +9,7 @@ from pathlib import Path
 import jax.numpy as jnp
 
 
+
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
     """llama3 frequency scaling (transformers `_compute_llama3_parameters`)."""
@@ -38,14 +39,14 @@ class LlamaConfig:
     remat: str = "full"  # none | full | dots | qkv_proj (see model/llama.py)
     attention: str = "auto"  # auto | xla | cudnn | splash
     scan_layers: bool = True
-    quant: object | None = None  # model.quant.QuantConfig: int8/int4 base weights
-    lora: object | None = None  # model.lora.LoraConfig: adapters on selected dense layers
+    quant: object | None = None  # model.network.quant.QuantConfig: int8/int4 base weights
+    lora: object | None = None  # model.network.lora.LoraConfig: adapters on selected dense layers
     bos_token_id: int = 128000
     eos_token_ids: tuple[int, ...] = (128001,)
 
     def __post_init__(self):
         if self.quant is not None:  # "int8", "int4", "int4-g64" -> model.quant.QuantConfig (no import cycle:
-            from model.quant import parse  # model.quant does not import this module)
+            from model.network.quant import parse  # model.quant does not import this module)
             object.__setattr__(self, "quant", parse(self.quant))
         if self.num_heads % self.num_kv_heads:
             raise ValueError(

@@ -123,7 +123,7 @@ def is_packed(layer) -> bool:
 def pack(graphdef, state):
     """`state` with every Dense kernel the kernels support transposed to [out, in] and marked (int4 scales
     to [out, in / group]); the arrays are new, the input state is left as it was."""
-    from model.layers import Dense
+    from model.network.layers import Dense
 
     module = nnx.merge(graphdef, state, copy=True)
     for _, node in nnx.iter_graph(module):

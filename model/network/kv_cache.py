@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from model.config import LlamaConfig
+from model.network.config import LlamaConfig
 from sharding.rules import RULES, constrain, named_sharding
 
 AXES = ("layers", "batch", "cache_length", "kv_heads", "head_dim")
@@ -149,8 +149,8 @@ class LayerCache:
     def attend(self, q_BTNH, k_BTKH, v_BTKH, impl: str):
         """Writes this step's keys/values, then attends q over the first kv_len positions of each row's
         slot; returns (output [B, T, N, H], updated cache)."""
-        from model import cpu_kernels
-        from model.attention import attend
+        from model.network import cpu_kernels
+        from model.network.attention import attend
 
         if self.cpu_kernels and cpu_kernels.attention_applies(self.cache):
             c = self.write(k_BTKH, v_BTKH)

@@ -1,0 +1,1 @@
+"""Formats and loading: the HF name table, safetensors, Orbax, PEFT, tokenizers, `load`."""

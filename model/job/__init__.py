@@ -1,0 +1,1 @@
+"""The job spine: config files, start-up (logging, multi-host), and the one model-spec resolver."""
