@@ -101,7 +101,13 @@ def train_check(preset, T, remat):
     from model.network.lora import LoraConfig
     from sharding.mesh import single_device_mesh
     from train.config import OptimizerConfig
-    from train.step import init_train_state, make_step_fn, model_flops_per_token, optimizer, split_trainable
+    from train.step import (
+        init_train_state,
+        make_step_fn,
+        model_flops_per_token,
+        optimizer,
+        split_trainable,
+    )
 
     B = 1
     cfg = model.LlamaConfig.preset(preset, remat=remat, lora=LoraConfig(rank=16, alpha=32))

@@ -33,12 +33,18 @@ def main() -> None:
     args = ap.parse_args()
 
     import model
+    from model.network.model import state_shardings
     from sharding import plan as plan_lib
     from sharding.mesh import make_mesh
     from train.config import OptimizerConfig
-    from train.step import (batch_shardings, init_train_state, make_step_fn, optimizer, split_trainable,
-                            train_state_shardings)
-    from model.network.model import state_shardings
+    from train.step import (
+        batch_shardings,
+        init_train_state,
+        make_step_fn,
+        optimizer,
+        split_trainable,
+        train_state_shardings,
+    )
 
     mode = "lora" if args.quant == "bf16" else "qlora"
     job = plan_lib.Job(model=args.model, mode=mode, quant=args.quant, batch=args.batch, seq=args.seq,

@@ -24,9 +24,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from model.network import model as model_weights
 from model import LlamaConfig, abstract_model, state_shardings  # noqa: E402
-
+from model.network import model as model_weights
 from model.network import quant
 from sharding.mesh import make_mesh  # noqa: E402
 from sharding.rules import named_sharding, use_mesh  # noqa: E402

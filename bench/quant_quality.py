@@ -35,11 +35,11 @@ import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import model  # noqa: E402
-from model.network import model as model_weights
 from model import LlamaConfig  # noqa: E402
-from model.network import cpu_kernels
-from model.network.quant import QuantConfig  # noqa: E402
 from model.formats.tokenizer import ByteTokenizer  # noqa: E402
+from model.network import cpu_kernels
+from model.network import model as model_weights
+from model.network.quant import QuantConfig  # noqa: E402
 
 QUANTS = {
     "int8": QuantConfig(bits=8),

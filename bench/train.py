@@ -26,7 +26,13 @@ import model  # noqa: E402
 from model.network.lora import LoraConfig  # noqa: E402
 from sharding.mesh import single_device_mesh  # noqa: E402
 from train.config import OptimizerConfig  # noqa: E402
-from train.step import init_train_state, make_step_fn, model_flops_per_token, optimizer, split_trainable  # noqa: E402
+from train.step import (  # noqa: E402
+    init_train_state,
+    make_step_fn,
+    model_flops_per_token,
+    optimizer,
+    split_trainable,
+)
 
 SHAPE = dict(vocab_size=32768, dim=1024, num_layers=8, num_heads=16, num_kv_heads=4, head_dim=64, mlp_dim=3584)
 B, T, R = 4, 512, 16

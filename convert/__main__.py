@@ -93,18 +93,12 @@ def _train_config(argv, ckpt=None):
         argv = [str(run_dir / "config.yaml")] if run_dir else None
     if not argv:
         return None
-    from model.network.config import LlamaConfig
-    from model.formats.checkpoint import is_checkpoint, read_config
+    from model.job import resolve
     from train.config import load_config
 
     path, overrides = (None, argv) if "=" in argv[0] else (argv[0], argv[1:])
     tc = load_config(path, overrides)
-    m = tc.model
-    if m.checkpoint:
-        cfg = read_config(m.checkpoint) if is_checkpoint(m.checkpoint) else LlamaConfig.from_hf(m.checkpoint)
-    else:
-        over = {k: v for k, v in (("num_layers", m.num_layers), ("vocab_size", m.vocab_size)) if v is not None}
-        cfg = LlamaConfig.preset(m.preset, **over)
+    cfg = resolve.base_config(tc.model)
     return cfg.replace(lora=tc.lora)
 
 
@@ -139,9 +133,9 @@ def _bounded_malloc() -> None:
 
 
 def _main(args) -> int:
-    from convert import distributed
     from model.formats.checkpoint import CheckpointFormatError
     from model.formats.safetensors_io import CheckpointError
+    from model.job import distributed
 
     _bounded_malloc()
     try:

@@ -22,16 +22,17 @@ import math
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 from tqdm import tqdm
 
-from convert import distributed
 from convert.layout import Stream, streams
 from convert.readers import HFReader, OrbaxReader
 from convert.source import HFSource
 from model.formats import checkpoint as ckpt
-from model.network.config import LlamaConfig
 from model.formats.safetensors_io import SafetensorsWriter
+from model.job import distributed
+from model.network.config import LlamaConfig
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +104,7 @@ def write_hf(reader, cfg: LlamaConfig, out, *, dtype: str = "bfloat16", max_shar
     out = Path(out)
     work = out.with_name(out.name + ".export-tmp")
     jobfile = out.with_name(out.name + ".export-job.json")
-    pi, pn = distributed.index(), distributed.count()
+    pi, pn = jax.process_index(), jax.process_count()
     odt = np.dtype(dtype) if dtype != "bfloat16" else np.dtype(__import__("ml_dtypes").bfloat16)
     tensors = hf_order(cfg, float_streams(cfg))
     shard_max = parse_size(max_shard_size)
@@ -140,7 +141,7 @@ def write_hf(reader, cfg: LlamaConfig, out, *, dtype: str = "bfloat16", max_shar
             jobfile.with_suffix(".partial").write_text(json.dumps(job, sort_keys=True))
             jobfile.with_suffix(".partial").rename(jobfile)
     distributed.barrier("export:prepared")
-    mine = distributed.split(list(zip(names, files)), [sum(math.prod(t[1].entry.hf_shape) for t in f) for f in files],
+    mine = distributed.share(list(zip(names, files)), [sum(math.prod(t[1].entry.hf_shape) for t in f) for f in files],
                              pn, pi)
     todo = [(n, f) for n, f in mine if not (work / n).exists()]
     total = sum(math.prod(t[1].entry.hf_shape) * odt.itemsize for _, f in todo for t in f)

@@ -34,13 +34,14 @@ import os
 import signal
 import time
 
+import jax
 import numpy as np
 from tqdm import tqdm
 
-from convert import distributed
 from convert.layout import Stream, streams
 from convert.source import HFSource
 from model.formats import checkpoint as ckpt
+from model.job import distributed
 from model.network.config import LlamaConfig
 
 log = logging.getLogger(__name__)
@@ -190,7 +191,7 @@ def convert(hf_dir, out_dir, *, dtype: str = "bfloat16", quant=None, kv_heads: i
             overwrite: bool = False, progress: bool = True, workers: int = 2):
     """Converts HF checkpoint `hf_dir` to an Orbax checkpoint at `out_dir`; returns its path.
     Every process of a multi-process job calls it with the same arguments."""
-    pi, pn = distributed.index(), distributed.count()
+    pi, pn = jax.process_index(), jax.process_count()
     out = ckpt.as_path(out_dir)
     work = out if ckpt.is_remote(out) else ckpt.tmp_path(out)
     jobdir = job_path(out)
@@ -226,7 +227,7 @@ def convert(hf_dir, out_dir, *, dtype: str = "bfloat16", quant=None, kv_heads: i
         raise FileExistsError(f"{jobdir}: job description differs from this process's arguments")
     handles = {p: ckpt.open_array(work, t.name, write=True) for p, t in plan.targets.items()}
     done = {p.name for p in marker_dir.iterdir()}
-    mine = distributed.split(plan.units, [u.nbytes for u in plan.units], pn, pi)
+    mine = distributed.share(plan.units, [u.nbytes for u in plan.units], pn, pi)
     todo = [u for u in mine if u.name not in done]
     who = f"process {pi}/{pn}: " if pn > 1 else ""
     if len(todo) < len(mine):

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from model.network.config import LlamaConfig
 from model.formats.safetensors_io import DTYPES, CheckpointError, HFCheckpoint
+from model.network.config import LlamaConfig
 
 _TORCH_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32", "float": "F32", "half": "F16"}
 

@@ -9,9 +9,14 @@
     logits = m(tokens)          # int32 [B, T] -> float32 [B, T, V]
 """
 
-from model.network.model import Model, abstract_model, init, logical_axes, state_shardings
-
 from model.formats.load import load
 from model.network.config import PRESETS, LlamaConfig
+from model.network.model import (
+    Model,
+    abstract_model,
+    init,
+    logical_axes,
+    state_shardings,
+)
 
 __all__ = ["LlamaConfig", "Model", "PRESETS", "abstract_model", "init", "load", "logical_axes", "state_shardings"]

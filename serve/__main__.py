@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     generate = bool(argv) and argv[0] == "generate"
     args = _parser(generate).parse_args(argv[1:] if generate else argv)
-    from model.job.settings import start_job
+    from model.job.startup import start_job
     from serve.config import load_config
 
     cfg = start_job(load_config, args.config, args.overrides)

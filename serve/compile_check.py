@@ -20,8 +20,9 @@ import time
 import jax
 import jax.numpy as jnp
 
-from model.network import model as model_weights
+from model.job import resolve
 from model.network import kv_cache
+from model.network import model as model_weights
 from model.network.config import LlamaConfig
 
 log = logging.getLogger("serve")
@@ -30,23 +31,7 @@ GiB = 1 << 30
 
 def model_config(cfg) -> LlamaConfig:
     """The LlamaConfig `python -m serve` would build for `cfg` (without reading any weights)."""
-    from model.formats import checkpoint as ckpt
-    from model.network import quant as quant_lib
-
-    spec = cfg.model
-    if spec.checkpoint:
-        base = ckpt.read_config(spec.checkpoint) if ckpt.is_checkpoint(spec.checkpoint) else \
-            LlamaConfig.from_hf(spec.checkpoint)
-    else:
-        base = LlamaConfig.preset(spec.preset)
-    dtype = "float32" if (not spec.checkpoint and spec.preset == "toy") else spec.dtype
-    kw = dict(param_dtype=dtype, compute_dtype=dtype, remat="none", attention=spec.attention,
-              scan_layers=spec.scan_layers, lora=None)
-    if spec.num_layers:
-        kw["num_layers"] = spec.num_layers
-    if spec.quant:
-        kw["quant"] = quant_lib.parse(spec.quant)
-    return base.replace(**kw)
+    return resolve.model_config(cfg.model, remat="none", scan_layers=cfg.model.scan_layers, lora=None)
 
 
 def lower_step(mcfg: LlamaConfig, mesh, *, batch: int, tokens: int, slots: int, max_len: int, kv_len: int,
@@ -108,9 +93,9 @@ def analytic(mcfg: LlamaConfig, mesh_sizes: dict, slots: int, max_len: int, kv_d
 
 
 def compile_only(cfg, out=sys.stdout) -> int:
+    from serve.engine import bucket
     from sharding import topology as topo_lib
     from sharding.mesh import AXES, axis_sizes, make_mesh
-    from serve.engine import bucket
 
     e = cfg.engine
     try:

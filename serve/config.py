@@ -6,24 +6,20 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from model.job import settings
+from model.job import resolve, settings
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelSpec:
-    preset: str = "toy"  # a preset (model/config.py) with random weights, used when no checkpoint is given
-    checkpoint: str | None = None  # HF safetensors directory or Orbax checkpoint (model.load)
-    dtype: str = "bfloat16"  # float weights and compute (the toy preset is always float32)
-    quant: str | None = None  # None | int8 | int4 | int4-g<N>: weight-only quantization at load
+class ModelSpec(resolve.ModelSpec):
+    """The shared model spec (model/job/resolve.py: preset, checkpoint, dtype, quant, attention, …) plus:"""
+
     adapter: str | None = None  # LoRA: a PEFT directory or this project's checkpoint / training run
     adapter_mode: str = "auto"  # merge (W + s·A·B into the kernel) | dynamic (on the fly) | auto
     tokenizer: str | None = None  # "bytes", a tokenizer file or directory; default: the checkpoint's
     name: str | None = None  # the model id clients send; default: the checkpoint's directory name or preset
     seed: int = 0  # random weights of a preset
-    num_layers: int | None = None  # reduced-depth variants of a preset (compile checks, benches)
-    attention: str = "auto"
     scan_layers: bool = True
 
     def __post_init__(self):

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 
 import jax
 import numpy as np
@@ -128,40 +127,3 @@ def single_device_mesh() -> Mesh:
 def describe(mesh) -> str:
     used = {a: n for a, n in mesh.shape.items() if n > 1} or {"fsdp": 1}
     return " × ".join(f"{a}={n}" for a, n in used.items())
-
-
-def maybe_initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
-                                 process_id: int | None = None) -> bool:
-    """Multi-host start-up, before any other JAX call. Returns True when a multi-process runtime started.
-
-    - explicit arguments, or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID in the
-      environment (GPU nodes, CPU clusters, the two-process test): `host:port` of process 0;
-    - a multi-host Cloud TPU VM slice (TPU_WORKER_HOSTNAMES lists several workers, or MEGASCALE_*
-      for multi-slice): JAX finds the coordinator from the TPU metadata by itself;
-    - otherwise (one host) nothing is done.
-    CPU processes use gloo for cross-process collectives.
-    """
-    env = os.environ
-    coordinator_address = coordinator_address or env.get("JAX_COORDINATOR_ADDRESS")
-    if jax.distributed.is_initialized():
-        return True
-    if coordinator_address:
-        try:
-            n = int(num_processes if num_processes is not None else env["JAX_NUM_PROCESSES"])
-            i = int(process_id if process_id is not None else env["JAX_PROCESS_ID"])
-        except KeyError as e:
-            raise ValueError(f"JAX_COORDINATOR_ADDRESS={coordinator_address!r} is set but {e.args[0]} is not "
-                             f"(set JAX_NUM_PROCESSES and JAX_PROCESS_ID on every process)") from None
-        if not 0 <= i < n:
-            raise ValueError(f"JAX_PROCESS_ID={i} must be in [0, {n}) (JAX_NUM_PROCESSES={n})")
-        if "cpu" in env.get("JAX_PLATFORMS", "").split(","):
-            jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=n, process_id=i)
-        log.info("process %d of %d (coordinator %s): %d local devices, %d in all", i, n, coordinator_address,
-                 jax.local_device_count(), jax.device_count())
-        return True
-    if env.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0 or env.get("MEGASCALE_COORDINATOR_ADDRESS"):
-        jax.distributed.initialize()
-        log.info("TPU process %d of %d", jax.process_index(), jax.process_count())
-        return True
-    return False

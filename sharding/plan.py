@@ -339,8 +339,8 @@ def lower_serve(cfg, mesh, batch: int, prefill: int, kv_len: int):
     import jax.numpy as jnp
     from flax import nnx
 
-    from model.network.model import abstract_model, state_shardings
     from model.network.llama import Llama
+    from model.network.model import abstract_model, state_shardings
     from sharding.rules import SERVE_RULES, abstract_arrays, named_sharding, use_mesh
 
     try:  # the serving engine's own step (serve/engine.py), when serve/ is there

@@ -20,8 +20,8 @@ import model
 from convert.__main__ import main
 from convert.hf_to_orbax import convert, default_kv_heads
 from model.formats import checkpoint as ckpt
-from model.network.config import LlamaConfig
 from model.formats.safetensors_io import HFCheckpoint, SafetensorsWriter
+from model.network.config import LlamaConfig
 from sharding.mesh import make_mesh
 from tests import hf_reference
 
@@ -109,8 +109,9 @@ def test_verify_report_names_the_tensor(hf_checkpoint, tmp_path, capsys):
     convert(path, orbax, dtype="float32", progress=False)
     arr = ckpt.open_array(orbax, "layers.attn.o.kernel", write=True)
     arr[0, 1, 2, 3].write(np.float32(0.5)).result()
-    from convert.verify import verify
     import io
+
+    from convert.verify import verify
     buf = io.StringIO()
     assert not verify(orbax, path, progress=False, out=buf)
     report = buf.getvalue()

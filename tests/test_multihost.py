@@ -21,8 +21,8 @@ CKPT = dict(vocab=512, dim=64, mlp=128, layers=2, heads=8, kv_heads=4, head_dim=
 WORKER = textwrap.dedent("""
     import json, sys
     import numpy as np
-    from sharding.mesh import maybe_initialize_distributed
-    assert maybe_initialize_distributed()  # reads JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID
+    from model.job import distributed
+    assert distributed.initialize()  # reads JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID
     import jax
     from jax.experimental import multihost_utils
     import model

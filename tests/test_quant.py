@@ -9,8 +9,8 @@ import pytest
 from flax import nnx
 
 import model
-from model.network import model as model_weights
 from model import LlamaConfig, abstract_model, state_shardings
+from model.network import model as model_weights
 from model.network import quant
 from model.network.quant import QuantConfig
 from sharding.mesh import make_mesh
@@ -109,7 +109,8 @@ def test_qlora_adapters_train_on_an_int4_base():
 
 def _compiled_dense(qc, I, O, tokens, mesh=None):
     """Compiles one quantized dense layer [1, tokens, I] x [I, O] (bf16 compute); returns memory_analysis()."""
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     from sharding.rules import use_mesh
 

@@ -15,8 +15,8 @@ import pytest
 from flax import nnx
 
 import model
-from model.network.lora import LoraConfig
 from model.formats.tokenizer import ByteTokenizer
+from model.network.lora import LoraConfig
 from train import data as data_lib
 from train.config import load_config
 from train.loop import run
@@ -155,9 +155,9 @@ def test_packing_segments_positions_and_host_shares():
 
 
 def test_qlora_int4_base_trains(tmp_path):
+    from sharding.mesh import make_mesh
     from train.checkpoints import restore_latest
     from train.loop import build_model
-    from sharding.mesh import make_mesh
 
     cfg = load_config(None, FAST + ["steps=25", f"output_dir={tmp_path}", "model.quant=int4", "eval_every=25"])
     m = build_model(cfg, make_mesh(cfg.mesh))

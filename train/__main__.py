@@ -16,7 +16,7 @@ def main(argv=None) -> int:
                         help="compile the step for the config's mesh/topology, print per-chip memory, exit 0 if it fits")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. steps=50 lora.rank=8")
     args = parser.parse_args(argv)
-    from model.job.settings import start_job
+    from model.job.startup import start_job
     from train.config import load_config
 
     cfg = start_job(load_config, args.config, args.overrides)

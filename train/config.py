@@ -5,22 +5,17 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from model.job import settings
+from model.job import resolve, settings
 from model.network.lora import LoraConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelSpec:
-    preset: str = "toy"  # a preset name (see model/config.py), used when no checkpoint is given
-    checkpoint: str | None = None  # HF safetensors directory or Orbax checkpoint; overrides preset
-    dtype: str = "bfloat16"  # base weights and compute
-    quant: str | None = None  # None | int8 | int4: frozen quantized base (QLoRA)
+class ModelSpec(resolve.ModelSpec):
+    """The shared model spec (model/job/resolve.py: preset, checkpoint, dtype, quant, attention, …) plus:"""
+
     remat: str = "full"  # none | full | dots | attn_proj
-    attention: str = "auto"
-    num_layers: int | None = None  # reduced-depth variants of a preset (compile checks)
-    vocab_size: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,22 +11,29 @@ import time
 from pathlib import Path
 
 import jax
-import yaml
 import jax.numpy as jnp
+import yaml
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 import model
-from model.network import model as model_weights
-from model.job import settings
-from model.network.model import abstract_model, state_shardings
-from model.formats.tokenizer import load_tokenizer
+from model.formats.peft import export_peft
+from model.job import resolve, settings
+from model.network.model import state_shardings
 from sharding.mesh import make_mesh
 from train import checkpoints
 from train import data as data_lib
 from train.config import TrainConfig
-from train.step import (batch_shardings, eval_fn, init_train_state, make_step_fn, model_flops_per_token, optimizer,
-                        split_trainable, train_state_shardings)
+from train.step import (
+    batch_shardings,
+    eval_fn,
+    init_train_state,
+    make_step_fn,
+    model_flops_per_token,
+    optimizer,
+    split_trainable,
+    train_state_shardings,
+)
 
 log = logging.getLogger("train")
 TOY_DATA = Path(__file__).resolve().parent / "data"
@@ -51,31 +58,16 @@ def peak_flops(device) -> float:
 
 
 def build_model(cfg: TrainConfig, mesh) -> model.Model:
-    """The base model on the mesh, with fresh adapters: from a checkpoint (quantized while loading
-    for QLoRA), or a randomly initialised preset (quantized after init for QLoRA)."""
+    """The base model on the mesh (quantized for QLoRA), with fresh adapters."""
     spec = cfg.model
-    overrides = dict(lora=cfg.lora, remat=spec.remat, attention=spec.attention)
-    if spec.checkpoint:
-        return model.load(spec.checkpoint, dtype=spec.dtype, quant=spec.quant, mesh=mesh, **overrides)
-    extra = {k: v for k, v in (("num_layers", spec.num_layers), ("vocab_size", spec.vocab_size)) if v}
-    mcfg = model.LlamaConfig.preset(spec.preset, param_dtype=spec.dtype, compute_dtype=spec.dtype, **overrides, **extra)
-    m = model.init(mcfg, seed=cfg.seed, mesh=mesh)
-    if not spec.quant:
-        return m
-    qcfg, qstate = model_weights.quantize_state(m.state, mcfg, spec.quant)
-    graphdef, _ = abstract_model(qcfg)
-    qstate = jax.jit(lambda s: s, out_shardings=state_shardings(qstate, mesh))(qstate)
-    return model.Model(graphdef, qstate, qcfg, mesh)
+    return resolve.build_model(spec, mesh, seed=cfg.seed, lora=cfg.lora, remat=spec.remat)
 
 
 def tokenizer_for(cfg: TrainConfig):
-    if cfg.data.tokenizer:
-        return load_tokenizer(cfg.data.tokenizer)
-    if cfg.model.checkpoint:
-        return load_tokenizer(cfg.model.checkpoint)
-    if cfg.model.preset == "toy":
-        return load_tokenizer("bytes")
-    raise data_lib.DataError("data.tokenizer is required when training a preset without a checkpoint")
+    try:
+        return resolve.tokenizer(cfg.model, cfg.data.tokenizer)
+    except FileNotFoundError as e:
+        raise data_lib.DataError(f"{e} (data.tokenizer)") from None
 
 
 def data_path(p: str, split: str) -> Path:
@@ -248,10 +240,5 @@ def run(cfg: TrainConfig) -> dict:
 
 
 def export_adapter(params, mcfg, out_dir: Path, cfg: TrainConfig):
-    try:
-        from model.formats.peft import export_peft
-    except ImportError:
-        log.warning("PEFT export is not available in this build; adapters are in the checkpoints")
-        return
     export_peft(params, mcfg, out_dir, base_model=cfg.model.checkpoint or cfg.model.preset)
     log.info("wrote the PEFT adapter to %s", out_dir)

@@ -11,11 +11,12 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from model.network import lora
-from model.network.model import abstract_model, state_shardings
 from model.network.config import LlamaConfig
+from model.network.model import abstract_model, state_shardings
 from sharding.rules import abstract_arrays, named_sharding, use_mesh
 from train.config import OptimizerConfig
 

@@ -15,7 +15,13 @@ from model.formats import checkpoint, hf_format
 from model.formats.safetensors_io import CheckpointError, HFCheckpoint
 from model.network import quant as quantization
 from model.network.config import LlamaConfig
-from model.network.model import Model, abstract_model, init_adapters, state_shardings, tree_get
+from model.network.model import (
+    Model,
+    abstract_model,
+    init_adapters,
+    state_shardings,
+    tree_get,
+)
 from sharding.mesh import single_device_mesh
 
 log = logging.getLogger(__name__)

@@ -18,13 +18,91 @@ import numpy as np
 
 from model.formats import checkpoint as ckpt
 from model.formats import hf_format
+from model.formats.safetensors_io import SafetensorsFile, SafetensorsWriter
+from model.network import lora as lora_lib
 from model.network.config import LlamaConfig
-from model.formats.safetensors_io import SafetensorsWriter
 
 log = logging.getLogger(__name__)
 
+PEFT_TO_OURS = {v.rsplit(".", 1)[-1]: k for k, v in lora_lib.PEFT_NAMES.items()}  # q_proj -> q
+
 VLLM_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 
+
+class AdapterError(ValueError):
+    """An adapter on disk is not what it must be; the message names the file and tensor."""
+
+
+def is_peft_dir(path) -> bool:
+    return (Path(path) / "adapter_config.json").exists()
+
+
+def read_peft(path, cfg: LlamaConfig) -> tuple[lora_lib.LoraConfig, dict[tuple[str, ...], np.ndarray]]:
+    """A PEFT LoRA directory -> (LoraConfig, {("layers", "attn", "q", "lora_a"): [L, *in, R], ...})."""
+    d = Path(path)
+    cfg_file = d / "adapter_config.json"
+    try:
+        pc = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise AdapterError(f"{cfg_file}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    if pc.get("peft_type", "LORA") != "LORA":
+        raise AdapterError(f"{cfg_file}: peft_type {pc.get('peft_type')!r} is not supported (LORA only)")
+    for key, ok in (("use_dora", lambda v: not v), ("bias", lambda v: v in (None, "none")),
+                    ("modules_to_save", lambda v: not v), ("layers_to_transform", lambda v: v is None),
+                    ("rank_pattern", lambda v: not v), ("alpha_pattern", lambda v: not v),
+                    ("fan_in_fan_out", lambda v: not v)):
+        if key in pc and not ok(pc[key]):
+            raise AdapterError(f"{cfg_file}: {key}={pc[key]!r} is not supported")
+    targets = pc.get("target_modules") or []
+    if isinstance(targets, str):
+        raise AdapterError(f"{cfg_file}: target_modules as a regular expression is not supported; list the modules")
+    unknown = [t for t in targets if t not in PEFT_TO_OURS]
+    if unknown:
+        raise AdapterError(f"{cfg_file}: target module {unknown[0]!r} is not one of {', '.join(PEFT_TO_OURS)}")
+    try:
+        r, alpha = int(pc["r"]), float(pc["lora_alpha"])
+    except KeyError as e:
+        raise AdapterError(f"{cfg_file}: missing field {e.args[0]!r}") from None
+    lc = lora_lib.LoraConfig(rank=r, alpha=alpha, targets=tuple(PEFT_TO_OURS[t] for t in targets),
+                             rslora=bool(pc.get("use_rslora", False)))
+    weights = d / "adapter_model.safetensors"
+    if not weights.exists():
+        raise AdapterError(f"{d}: no adapter_model.safetensors (pickled adapter_model.bin is never loaded)")
+    sf = SafetensorsFile(weights)
+    table = {e.path[-2]: e for e in hf_format.entries(cfg) if e.path[-1] == "kernel"}
+    flat, used = {}, set()
+    for t in lc.targets:
+        e = table[t]
+        n_out, n_in = e.hf_shape
+        in_shape, out_shape = dense_dims(cfg, t)
+        dense = e.path[:-1]
+        a_layers, b_layers = [], []
+        for i in range(cfg.num_layers):
+            base = "base_model.model." + e.hf.format(i=i)[:-len(".weight")]
+            names = (base + ".lora_A.weight", base + ".lora_B.weight")
+            for n in names:
+                if n not in sf.tensors:
+                    raise AdapterError(f"{weights}: missing tensor {n!r} (target_modules lists {t})")
+            A, B = sf.read(names[0]), sf.read(names[1])
+            if A.shape != (r, n_in) or B.shape != (n_out, r):
+                raise AdapterError(f"{weights}: {names[0]} / lora_B have shapes {list(A.shape)} / {list(B.shape)}, "
+                                   f"expected {[r, n_in]} / {[n_out, r]} for this model")
+            used.update(names)
+            a_layers.append(A.astype(np.float32).T.reshape(*in_shape, r))
+            b_layers.append(B.astype(np.float32).T.reshape(r, *out_shape))
+        flat[(*dense, "lora_a")] = np.stack(a_layers)
+        flat[(*dense, "lora_b")] = np.stack(b_layers)
+    extra = sorted(set(sf.tensors) - used)
+    if extra:
+        raise AdapterError(f"{weights}: unexpected tensor {extra[0]!r} (not a LoRA tensor of the listed targets)")
+    return lc, flat
+
+
+def dense_dims(cfg: LlamaConfig, target: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(in_shape, out_shape) of an adaptable dense layer (as model/llama.py builds them)."""
+    D, N, K, H, F = cfg.dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_dim
+    return {"q": ((D,), (N, H)), "k": ((D,), (K, H)), "v": ((D,), (K, H)), "o": ((N, H), (D,)),
+            "gate": ((D,), (F,)), "up": ((D,), (F,)), "down": ((F,), (D,))}[target]
 
 
 def _flat(adapters) -> dict[tuple[str, ...], np.ndarray]:

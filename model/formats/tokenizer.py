@@ -120,10 +120,12 @@ class ByteTokenizer(Tokenizer):
     """UTF-8 bytes (ids 0-255) plus Llama 3's 256 special tokens at 256-511, with the same interface
     and chat format: the tokenizer of the `toy` preset, which trains in a minute on a laptop CPU."""
 
+    VOCAB_SIZE = 512
+
     def __init__(self):
         self.path = None
         self.special = special_tokens(256)
-        self.vocab_size = 512
+        self.vocab_size = self.VOCAB_SIZE
         self._tt = self._hf = None
         self.bos_id = self.special["<|begin_of_text|>"]
         self.eot_id = self.special["<|eot_id|>"]

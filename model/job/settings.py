@@ -145,21 +145,3 @@ def load(cls, path: str | Path | None, overrides: list[str] = (), search_dir: Pa
 
 def to_dict(obj) -> dict:
     return dataclasses.asdict(obj)
-
-
-def start_job(load_config, path: str | None, overrides: list[str]):
-    """What a job's command line does first: logging in plain words, multi-host start-up (sharding/mesh.py),
-    then `load_config(path, overrides)`. None (after printing the error) when the config is bad."""
-    import logging
-    import sys
-
-    from sharding.mesh import maybe_initialize_distributed
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax narrates every file it writes at INFO
-    maybe_initialize_distributed()
-    try:
-        return load_config(path, overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return None
