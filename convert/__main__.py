@@ -15,9 +15,20 @@ Errors (bad files, refused inputs) print one message naming the file and tensor 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import logging
 import os
 import sys
+from pathlib import Path
+
+from convert.export import merge_lora, orbax_to_hf
+from convert.hf_to_orbax import convert
+from convert.verify import verify
+from model.formats.checkpoint import CheckpointFormatError
+from model.formats.peft import lora_to_peft
+from model.formats.safetensors_io import CheckpointError
+from model.job import distributed, resolve
+from train.config import load_config  # an entry point may reach across jobs: a run's config
 
 
 def _common(p, multi=False):
@@ -85,17 +96,12 @@ def parser() -> argparse.ArgumentParser:
 
 def _train_config(argv, ckpt=None):
     """The model config (with LoRA settings) of a `python -m train` config file, or of the run
-    directory holding `ckpt` (python -m train writes its resolved config.yaml there); an entry point
-    may import upward like this, inside the command only."""
+    directory holding `ckpt` (python -m train writes its resolved config.yaml there)."""
     if not argv and ckpt is not None:
-        from pathlib import Path
         run_dir = next((d for d in (Path(ckpt), *Path(ckpt).parents[:2]) if (d / "config.yaml").exists()), None)
         argv = [str(run_dir / "config.yaml")] if run_dir else None
     if not argv:
         return None
-    from model.job import resolve
-    from train.config import load_config
-
     path, overrides = (None, argv) if "=" in argv[0] else (argv[0], argv[1:])
     tc = load_config(path, overrides)
     cfg = resolve.base_config(tc.model)
@@ -125,7 +131,6 @@ def _bounded_malloc() -> None:
     threshold). By default the threshold rises to the size of freed blocks and later frees stay in
     per-thread heaps, so a long job's resident memory creeps up; with this it stays at the few
     blocks in flight, whatever the number of layers."""
-    import ctypes
     try:
         ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
     except (OSError, AttributeError):
@@ -133,33 +138,24 @@ def _bounded_malloc() -> None:
 
 
 def _main(args) -> int:
-    from model.formats.checkpoint import CheckpointFormatError
-    from model.formats.safetensors_io import CheckpointError
-    from model.job import distributed
-
     _bounded_malloc()
     try:
         if getattr(args, "coordinator", None) or getattr(args, "distributed", False):
             distributed.initialize(args.coordinator, args.num_processes, args.process_id, auto=args.distributed)
         progress = not getattr(args, "no_progress", False)
         if args.job == "hf-to-orbax":
-            from convert.hf_to_orbax import convert
             convert(args.hf, args.out, dtype=args.dtype, quant=args.quant, kv_heads=args.kv_heads, mesh=args.mesh,
                     chunk_bytes=int(args.chunk_mb * 2**20), block_bytes=int(args.block_mb * 2**20),
                     overwrite=args.overwrite, progress=progress)
         elif args.job == "verify":
-            from convert.verify import verify
             return 0 if verify(args.orbax, args.hf, block_bytes=int(args.block_mb * 2**20), progress=progress) else 1
         elif args.job == "orbax-to-hf":
-            from convert.export import orbax_to_hf
             orbax_to_hf(args.orbax, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size,
                         block_bytes=int(args.block_mb * 2**20), overwrite=args.overwrite, progress=progress)
         elif args.job == "lora-to-peft":
-            from model.formats.peft import lora_to_peft
             lora_to_peft(args.ckpt, args.out, base_model=args.base_model, dtype=args.dtype,
                          config=_train_config(args.config, args.ckpt))
         elif args.job == "merge-lora":
-            from convert.export import merge_lora
             merge_lora(args.base, args.ckpt, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size,
                        overwrite=args.overwrite, progress=progress, config=_train_config(args.config, args.ckpt))
     except (CheckpointError, CheckpointFormatError, FileExistsError, FileNotFoundError, NotImplementedError,

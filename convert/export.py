@@ -16,9 +16,11 @@ see convert/peft.py.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -30,9 +32,11 @@ from convert.layout import Stream, streams
 from convert.readers import HFReader, OrbaxReader
 from convert.source import HFSource
 from model.formats import checkpoint as ckpt
+from model.formats.peft import lora_pairs, read_adapters
 from model.formats.safetensors_io import SafetensorsWriter
 from model.job import distributed
 from model.network.config import LlamaConfig
+from model.network.model import abstract_model
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +84,6 @@ def hf_order(cfg: LlamaConfig, ss: list[Stream]) -> list[tuple[str, Stream, int 
 
 
 def float_streams(cfg: LlamaConfig) -> list[Stream]:
-    from model.network.model import abstract_model
-
     _, abstract = abstract_model(cfg.replace(quant=None, lora=None))
     return streams(cfg, abstract)
 
@@ -126,16 +128,13 @@ def write_hf(reader, cfg: LlamaConfig, out, *, dtype: str = "bfloat16", max_shar
             raise FileExistsError(f"{out}: exists (pass --overwrite to replace it)")
     if pi == 0:
         if out.exists():
-            import shutil
             shutil.rmtree(out)
         if jobfile.exists() and json.loads(jobfile.read_text()) != job:
             if not overwrite:
                 raise FileExistsError(f"{work}: holds an unfinished export with other arguments; resume it with "
                                       f"its own arguments, or pass --overwrite to start over")
-            import shutil
             shutil.rmtree(work, ignore_errors=True)
         if not jobfile.exists():
-            import shutil
             shutil.rmtree(work, ignore_errors=True)
             work.mkdir(parents=True)
             jobfile.with_suffix(".partial").write_text(json.dumps(job, sort_keys=True))
@@ -189,7 +188,6 @@ def orbax_to_hf(orbax_dir, out, *, dtype: str | None = None, **kw) -> Path:
         log.warning("%s is quantized (%s): exporting the dequantized weights in %s", orbax_dir, cfg.quant.name, dtype)
     t0 = time.time()
     meta = (ckpt.as_path(orbax_dir) / ckpt.METADATA_FILE).read_text()
-    import hashlib
     out = write_hf(reader, cfg.replace(quant=None), out, dtype=dtype,
                    job_id={"orbax_metadata_sha256": hashlib.sha256(meta.encode()).hexdigest()}, **kw)
     log.info("wrote %s in %.1f s", out, time.time() - t0)
@@ -198,7 +196,6 @@ def orbax_to_hf(orbax_dir, out, *, dtype: str | None = None, **kw) -> Path:
 
 def merge_lora(base, ckpt_dir, out, *, dtype: str = "bfloat16", config: LlamaConfig | None = None, **kw) -> Path:
     """HF checkpoint of base (Orbax or HF directory) + scale · A B for every adapted layer."""
-    from model.formats.peft import lora_pairs, read_adapters
 
     lcfg, flat = read_adapters(ckpt_dir, config)
     if lcfg.lora is None:

@@ -35,16 +35,23 @@ import signal
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from jax.sharding import AbstractMesh
 from tqdm import tqdm
 
 from convert.layout import Stream, streams
 from convert.source import HFSource
 from model.formats import checkpoint as ckpt
 from model.job import distributed
+from model.network import quant as quant_lib
 from model.network.config import LlamaConfig
+from model.network.model import abstract_model, tree_get
+from sharding.mesh import AXES, parse_spec
+from sharding.rules import logical_to_spec
 
 log = logging.getLogger(__name__)
+WORKERS = 2  # threads reading and writing blocks (I/O-bound; more only adds memory)
 
 BLOCK_BYTES = 64 << 20  # bytes of source rows read, transformed and written at a time
 CHUNK_BYTES = 64 << 20  # largest chunk (file) of a converted array
@@ -99,9 +106,6 @@ def default_kv_heads(cfg: LlamaConfig) -> int:
 def make_plan(src: HFSource, *, dtype: str = "bfloat16", quant=None, kv_heads: int | None = None,
               mesh: str | dict | None = None, chunk_bytes: int = CHUNK_BYTES,
               block_bytes: int = BLOCK_BYTES) -> Plan:
-    from model.network import quant as quant_lib
-    from model.network.model import abstract_model
-
     cfg_src = src.config
     k = kv_heads or default_kv_heads(cfg_src)
     if cfg_src.num_kv_heads % k or cfg_src.num_heads % k:
@@ -113,12 +117,12 @@ def make_plan(src: HFSource, *, dtype: str = "bfloat16", quant=None, kv_heads: i
     targets, scales, units = {}, {}, []
     for s in streams(cfg, abstract, source_kv_heads=cfg_src.num_kv_heads):
         lead = 1 if s.stacked else 0
-        var = _get(abstract, s.path)
+        var = tree_get(abstract, s.path)
         target = _target(s.path, var, lead + s.axis, s.stacked, amesh, chunk_bytes, block_bytes)
         targets[s.path] = target
         scale_path = (*s.path[:-1], "scale")
         if s.path[-1] == "kernel" and _has(abstract, scale_path):  # a quantized dense layer
-            sv = _get(abstract, scale_path)
+            sv = tree_get(abstract, scale_path)
             row = len(sv.shape) - len(s.out_shape)  # the scale's first output axis
             chunks = list(sv.shape)
             if s.stacked:
@@ -142,7 +146,6 @@ def _target(path, var, row_axis, stacked, amesh, chunk_bytes, block_bytes) -> Ta
     itemsize = 0.5 if dtype.name == "int4" else dtype.itemsize
     shard = None
     if amesh is not None:
-        from sharding.rules import logical_to_spec
         names = var.get_metadata().get("out_sharding") or (None,) * len(var.shape)
         spec = logical_to_spec(names, amesh, var.shape, what=ckpt.param_name(path))
         shard = [d // math.prod(amesh.shape[a] for a in ((ax,) if isinstance(ax, str) else (ax or ())))
@@ -153,11 +156,6 @@ def _target(path, var, row_axis, stacked, amesh, chunk_bytes, block_bytes) -> Ta
 
 
 def _abstract_mesh(spec):
-    import jax
-    from jax.sharding import AbstractMesh
-
-    from sharding.mesh import AXES, parse_spec
-
     sizes = parse_spec(spec)
     if -1 in sizes.values():
         fixed = math.prod(v for v in sizes.values() if v != -1)
@@ -165,15 +163,9 @@ def _abstract_mesh(spec):
     return AbstractMesh(tuple(sizes.get(a, 1) for a in AXES), AXES)
 
 
-def _get(tree, path):
-    for k in path:
-        tree = tree[k]
-    return tree
-
-
 def _has(tree, path) -> bool:
     try:
-        _get(tree, path)
+        tree_get(tree, path)
         return True
     except (KeyError, AttributeError):
         return False
@@ -188,7 +180,7 @@ def job_path(out) -> "ckpt.epath.Path":
 
 def convert(hf_dir, out_dir, *, dtype: str = "bfloat16", quant=None, kv_heads: int | None = None,
             mesh=None, chunk_bytes: int = CHUNK_BYTES, block_bytes: int = BLOCK_BYTES,
-            overwrite: bool = False, progress: bool = True, workers: int = 2):
+            overwrite: bool = False, progress: bool = True):
     """Converts HF checkpoint `hf_dir` to an Orbax checkpoint at `out_dir`; returns its path.
     Every process of a multi-process job calls it with the same arguments."""
     pi, pn = jax.process_index(), jax.process_count()
@@ -235,7 +227,7 @@ def convert(hf_dir, out_dir, *, dtype: str = "bfloat16", quant=None, kv_heads: i
     log.info("%sconverting %d tensors (%.2f GB) from %s into %s", who, len(todo), sum(u.nbytes for u in todo) / 1e9,
              hf_dir, work)
     try:
-        _run(src, plan, handles, todo, marker_dir, progress=progress, workers=workers,
+        _run(src, plan, handles, todo, marker_dir, progress=progress, workers=WORKERS,
              desc="hf-to-orbax" + (f" p{pi}" if pn > 1 else ""))
     finally:
         src.close()
@@ -318,10 +310,7 @@ def _prepare_block(src: HFSource, plan: Plan, u: Unit, a: int, b: int) -> list[t
 @functools.lru_cache(maxsize=64)
 def _quantizer(qc, in_shape, out_shape):
     """model.quant.quantize of one block shape, compiled once (blocks of a tensor mostly share a shape)."""
-    import jax
-    import jax.numpy as jnp
 
-    from model.network import quant as quant_lib
     return jax.jit(lambda w: quant_lib.quantize(jnp.asarray(w, jnp.float32), qc, in_shape, out_shape))
 
 

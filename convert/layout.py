@@ -23,6 +23,7 @@ import numpy as np
 
 from model.formats import hf_format
 from model.network.config import LlamaConfig
+from model.network.model import tree_get
 
 # Every dimension different, so that a transpose can never look like the identity.
 _PROBE = LlamaConfig(vocab_size=17, dim=10, mlp_dim=22, num_layers=1, num_heads=4, num_kv_heads=2,
@@ -115,7 +116,7 @@ def streams(cfg: LlamaConfig, abstract, source_kv_heads: int | None = None) -> l
     for e in hf_format.entries(cfg):
         if e.path not in kinds:
             raise NotImplementedError(f"hf_format entry {e.hf!r}: not present in the probe config")
-        var = _get(abstract, e.path)
+        var = tree_get(abstract, e.path)
         lead = 1 if e.stacked else 0
         shape = tuple(var.shape[lead:])
         names = tuple(var.get_metadata().get("out_sharding") or (None,) * var.ndim)[lead:]
@@ -128,12 +129,6 @@ def streams(cfg: LlamaConfig, abstract, source_kv_heads: int | None = None) -> l
             rep = source_kv_heads // cfg.num_kv_heads
         out.append(Stream(e, shape, j is not None, axis, rep))
     return out
-
-
-def _get(tree, path):
-    for k in path:
-        tree = tree[k]
-    return tree
 
 
 class DuplicateHeadsError(ValueError):

@@ -9,6 +9,7 @@ import numpy as np
 from convert.layout import Stream
 from convert.source import HFSource
 from model.formats import checkpoint as ckpt
+from model.network import quant
 
 
 class OrbaxReader:
@@ -52,7 +53,6 @@ class OrbaxReader:
         region = self.read_raw(s, layer, a, b)
         if not self.quantized(s):
             return region
-        from model.network import quant
 
         scale = self.read_scale(s, layer, a, b)
         return np.asarray(quant.dequantize(region, scale, self.cfg.quant, s.in_shape, region.shape[s.axis:]))

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from model.formats.load import check_hf_tensors
 from model.formats.safetensors_io import DTYPES, CheckpointError, HFCheckpoint
 from model.network.config import LlamaConfig
 
@@ -35,7 +36,6 @@ class HFSource:
         self._hf_config = json.loads((self.dir / "config.json").read_text())
         self._check_duplicate_keys()
         self._check_overlaps()
-        from model.formats.load import check_hf_tensors  # missing, extra, shapes
         check_hf_tensors(self.ckpt, self.config)
         self._check_dtypes()
         self._fds: dict[str, int] = {}

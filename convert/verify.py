@@ -21,6 +21,8 @@ from convert.layout import streams
 from convert.readers import OrbaxReader
 from convert.source import HFSource
 from model.formats import checkpoint as ckpt
+from model.network import quant
+from model.network.model import abstract_model
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +45,6 @@ class Row:
 
 
 def verify(orbax_dir, hf_dir, *, block_bytes: int = BLOCK_BYTES, progress: bool = True, out=None) -> bool:
-    from model.network.model import abstract_model
-
     out = out or sys.stdout
     reader = OrbaxReader(orbax_dir)
     cfg = reader.cfg
@@ -102,8 +102,6 @@ def _check_exact(row: Row, name: str, want: np.ndarray, got: np.ndarray) -> None
 
 
 def _check_quant(row, name, theirs, reader, s, layer, a, b) -> None:
-    from model.network import quant
-
     q = reader.read_raw(s, layer, a, b)
     sc = reader.read_scale(s, layer, a, b)
     deq = np.asarray(quant.dequantize(q, sc, reader.cfg.quant, s.in_shape, q.shape[s.axis:]))

@@ -22,7 +22,10 @@ import math
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh
+
+from sharding import topology
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +86,6 @@ def _device_grid(shape: tuple[int, ...], devices: list):
     Everything else (CPU, GPU, multi-process): in `jax.devices()` order, which is process-major, so
     outer axes cross hosts and `tensor` stays within one."""
     if devices[0].platform == "tpu" and len(devices) > 1:
-        from jax.experimental import mesh_utils
-
         slices = _num_slices(devices)
         try:
             if slices > 1:
@@ -105,8 +106,6 @@ def make_mesh(spec: str | dict | None = None, devices=None) -> Mesh:
     `jax.devices()`; a list of devices; or a TPU topology name ("v6e-16", "2xv6e-256", "v5p-128"),
     whose compile-only devices libtpu describes on any machine (sharding/topology.py)."""
     if isinstance(devices, str):
-        from sharding import topology
-
         devices = topology.parse(devices).devices()
     devices = list(jax.devices() if devices is None else devices)
     sizes = axis_sizes(spec, len(devices))

@@ -39,6 +39,8 @@ import time
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
+import tensorstore as ts
 from etils import epath
 from flax import nnx
 
@@ -177,8 +179,6 @@ def array_spec(directory, name: str, shape, dtype, chunks, *, create: bool) -> d
 
 def open_array(directory, name: str, *, write: bool = False, shape=None, dtype=None, chunks=None):
     """Opens (or with shape/dtype/chunks, creates or reopens if identical) a parameter's array."""
-    import tensorstore as ts
-
     create = shape is not None
     spec = array_spec(directory, name, shape, dtype, chunks, create=create)
     try:
@@ -235,8 +235,6 @@ def _pure(state: nnx.State) -> dict:
 def save(state: nnx.State, cfg: LlamaConfig, path, *, overwrite: bool = False) -> epath.Path:
     """Saves a (sharded, possibly multi-host) state with its config; any subset of the model's
     parameters may be saved (e.g. only the LoRA adapters). Every process must call it."""
-    import orbax.checkpoint as ocp
-
     path = as_path(path)
     if path.exists():
         if not overwrite:
@@ -255,8 +253,6 @@ def restore(path, abstract: nnx.State, shardings: nnx.State, optional=lambda pat
     `shardings`; float parameters are cast to the abstract dtype. Extra arrays in the checkpoint
     are ignored; a missing one, or one of another shape, is an error naming it, unless
     `optional(path, variable)`: those are left abstract. Returns (state, paths left abstract)."""
-    import orbax.checkpoint as ocp
-
     path = as_path(path)
     if not is_finished(path):
         raise CheckpointFormatError(f"{path}: not a finished checkpoint (no {COMMIT_FILE}, or a temporary "

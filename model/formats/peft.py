@@ -14,7 +14,11 @@ import json
 import logging
 from pathlib import Path
 
+import jax
+import ml_dtypes
 import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
 
 from model.formats import checkpoint as ckpt
 from model.formats import hf_format
@@ -109,9 +113,6 @@ def _flat(adapters) -> dict[tuple[str, ...], np.ndarray]:
     """{path tuple: host array} of an nnx.State, a nested dict, or an already flat {tuple: array}."""
     if isinstance(adapters, dict) and adapters and all(isinstance(k, tuple) for k in adapters):
         return {k: np.asarray(v) for k, v in adapters.items()}
-    import jax
-    from flax import nnx
-
     out = {}
     leaves = jax.tree_util.tree_leaves_with_path(adapters, is_leaf=lambda x: isinstance(x, nnx.Variable))
     for path, v in leaves:
@@ -187,7 +188,6 @@ def export_peft(adapter_state, cfg: LlamaConfig, out_dir, *, base_model: str | N
 
 
 def _np_dtype(name: str) -> np.dtype:
-    import ml_dtypes
     return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
 
 
@@ -234,8 +234,6 @@ def read_adapters(path, config: LlamaConfig | None = None) -> tuple[LlamaConfig,
 
 def _train_checkpoint_adapters(path) -> dict:
     """LoRA parameters of the newest step of a `python -m train` run (DIR, DIR/checkpoints)."""
-    import orbax.checkpoint as ocp
-
     p = ckpt.as_path(path)
     for base in (p, p / "checkpoints"):
         if not base.is_dir():
@@ -247,7 +245,7 @@ def _train_checkpoint_adapters(path) -> dict:
                 continue
             tree = ocp.PyTreeCheckpointer().restore(item)
             flat = {}
-            for kp, leaf in __import__("jax").tree_util.tree_leaves_with_path(tree):
+            for kp, leaf in jax.tree_util.tree_leaves_with_path(tree):
                 keys = tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in kp)
                 if keys and keys[-1] == "value":
                     keys = keys[:-1]

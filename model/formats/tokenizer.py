@@ -10,6 +10,9 @@ from __future__ import annotations
 import base64
 from pathlib import Path
 
+import tiktoken
+from tokenizers import Tokenizer as HFTokenizer
+
 PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
            r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 NUM_RESERVED = 256
@@ -52,8 +55,6 @@ class Tokenizer:
         self.stop_ids = frozenset(self.special[t] for t in ("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"))
 
     def _load_tiktoken(self, path: Path):
-        import tiktoken
-
         ranks = {}
         with open(path, "rb") as f:
             for lineno, line in enumerate(f, 1):
@@ -71,8 +72,6 @@ class Tokenizer:
         self.vocab_size = len(ranks) + NUM_RESERVED
 
     def _load_hf(self, path: Path):
-        from tokenizers import Tokenizer as HFTokenizer
-
         self._hf = HFTokenizer.from_file(str(path))
         self._hf.encode_special_tokens = True  # plain text never yields special tokens
         self._tt = None
