@@ -37,7 +37,7 @@ from flax import nnx  # noqa: E402
 import model  # noqa: E402
 from model import LlamaConfig  # noqa: E402
 from model.formats.tokenizer import ByteTokenizer  # noqa: E402
-from model.network import cpu_kernels
+from model.network.backends import cpu_kernels  # noqa: E402
 from model.network import model as model_weights
 from model.network.quant import QuantConfig  # noqa: E402
 

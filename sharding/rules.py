@@ -23,7 +23,8 @@ import math
 from collections.abc import Sequence
 
 import jax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 # logical axis -> mesh axes, in priority order. A mesh axis is used at most once per array: when an
 # earlier dimension already took it, a later one stays replicated (e.g. activations [batch, length,
@@ -136,18 +137,10 @@ def create_sharded(init_fn, shardings, *args):
 def restore_sharded(path, abstract_tree, shardings):
     """Restores an Orbax (StandardSave) checkpoint at `path` straight into `shardings`: every process
     reads only the shards its devices hold."""
-    import orbax.checkpoint as ocp
+    import orbax.checkpoint as ocp  # deferred: a heavy import that only restoring needs
 
     with ocp.StandardCheckpointer() as ckptr:
         return ckptr.restore(path, abstract_arrays(abstract_tree, shardings))
-
-
-def tree_shardings(abstract_tree, axes_tree, mesh: Mesh, rules=RULES):
-    """Shardings for a tree of ShapeDtypeStructs given a matching tree of logical-name tuples."""
-    def one(path, leaf, names):
-        return named_sharding(names, mesh, leaf.shape, rules, what=jax.tree_util.keystr(path))
-    return jax.tree_util.tree_map_with_path(
-        one, abstract_tree, axes_tree, is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
 
 
 _ACTIVE: contextvars.ContextVar[tuple[Mesh, tuple] | None] = contextvars.ContextVar("mesh_rules", default=None)

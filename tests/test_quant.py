@@ -85,11 +85,11 @@ def test_input_gradient_through_the_chunked_matmul(platform, monkeypatch):
 def test_qlora_adapters_train_on_an_int4_base():
     """A dense layer with an int4 base and LoRA adapters: only the adapters are parameters to train,
     and their gradients flow through the quantized matmul."""
-    from model.network.layers import Dense
+    from model.network.dense import make_dense
     from model.network.lora import LoraConfig
 
     cfg = LlamaConfig.preset("toy", quant="int4-g32", lora=LoraConfig(rank=4))
-    dense = Dense("o", "BTNH,NHD->BTD", (4, 32), (128,), ("heads", "head_dim", "embed"), cfg=cfg,
+    dense = make_dense("o", "BTNH,NHD->BTD", (4, 32), (128,), ("heads", "head_dim", "embed"), cfg=cfg,
                   rngs=nnx.Rngs(0))
     graphdef, adapters, base = nnx.split(dense, nnx.LoRAParam, ...)
     assert base["kernel"].dtype == jnp.int4 and set(adapters) == {"lora_a", "lora_b"}
@@ -105,6 +105,90 @@ def test_qlora_adapters_train_on_an_int4_base():
     w = quant.dequantize(q, base["scale"][...], dense.quant, (4, 32), (128,))
     y0 = jnp.einsum("btnh,nhd->btd", x, w)  # B = 0: the adapter adds nothing yet
     np.testing.assert_allclose(np.asarray(dense(x)), np.asarray(y0), rtol=0, atol=1e-4)
+
+
+# The toy preset's state: path -> (shape, dtype, variable type). Checkpoints, the HF/PEFT name tables and
+# train's LoRAParam filter depend on these paths: quantization and adapters add leaves beside `kernel`,
+# never a level above it.
+_PLAIN_TOY = {
+    "embed/embedding": ((512, 128), "float32", "Param"),
+    "layers/attn/q/kernel": ((2, 128, 4, 32), "float32", "Param"),
+    "layers/attn/k/kernel": ((2, 128, 2, 32), "float32", "Param"),
+    "layers/attn/v/kernel": ((2, 128, 2, 32), "float32", "Param"),
+    "layers/attn/o/kernel": ((2, 4, 32, 128), "float32", "Param"),
+    "layers/attn_norm/scale": ((2, 128), "float32", "Param"),
+    "layers/mlp/gate/kernel": ((2, 128, 384), "float32", "Param"),
+    "layers/mlp/up/kernel": ((2, 128, 384), "float32", "Param"),
+    "layers/mlp/down/kernel": ((2, 384, 128), "float32", "Param"),
+    "layers/mlp_norm/scale": ((2, 128), "float32", "Param"),
+    "lm_head/kernel": ((128, 512), "float32", "Param"),
+    "norm/scale": ((128,), "float32", "Param"),
+}
+_INT8_TOY = {
+    "layers/attn/q/kernel": ((2, 128, 4, 32), "int8", "Param"),
+    "layers/attn/q/scale": ((2, 4, 32), "bfloat16", "Param"),
+    "layers/attn/k/kernel": ((2, 128, 2, 32), "int8", "Param"),
+    "layers/attn/k/scale": ((2, 2, 32), "bfloat16", "Param"),
+    "layers/attn/v/kernel": ((2, 128, 2, 32), "int8", "Param"),
+    "layers/attn/v/scale": ((2, 2, 32), "bfloat16", "Param"),
+    "layers/attn/o/kernel": ((2, 4, 32, 128), "int8", "Param"),
+    "layers/attn/o/scale": ((2, 128), "bfloat16", "Param"),
+    "layers/mlp/gate/kernel": ((2, 128, 384), "int8", "Param"),
+    "layers/mlp/gate/scale": ((2, 384), "bfloat16", "Param"),
+    "layers/mlp/up/kernel": ((2, 128, 384), "int8", "Param"),
+    "layers/mlp/up/scale": ((2, 384), "bfloat16", "Param"),
+    "layers/mlp/down/kernel": ((2, 384, 128), "int8", "Param"),
+    "layers/mlp/down/scale": ((2, 128), "bfloat16", "Param"),
+}
+_INT4_G32_TOY = {
+    "layers/attn/q/kernel": ((2, 128, 4, 32), "int4", "Param"),
+    "layers/attn/q/scale": ((2, 4, 4, 32), "bfloat16", "Param"),
+    "layers/attn/k/kernel": ((2, 128, 2, 32), "int4", "Param"),
+    "layers/attn/k/scale": ((2, 4, 2, 32), "bfloat16", "Param"),
+    "layers/attn/v/kernel": ((2, 128, 2, 32), "int4", "Param"),
+    "layers/attn/v/scale": ((2, 4, 2, 32), "bfloat16", "Param"),
+    "layers/attn/o/kernel": ((2, 4, 32, 128), "int4", "Param"),
+    "layers/attn/o/scale": ((2, 4, 128), "bfloat16", "Param"),
+    "layers/mlp/gate/kernel": ((2, 128, 384), "int4", "Param"),
+    "layers/mlp/gate/scale": ((2, 4, 384), "bfloat16", "Param"),
+    "layers/mlp/up/kernel": ((2, 128, 384), "int4", "Param"),
+    "layers/mlp/up/scale": ((2, 4, 384), "bfloat16", "Param"),
+    "layers/mlp/down/kernel": ((2, 384, 128), "int4", "Param"),
+    "layers/mlp/down/scale": ((2, 12, 128), "bfloat16", "Param"),
+}
+_LORA_R4_TOY = {
+    "layers/attn/q/lora_a": ((2, 128, 4), "float32", "LoRAParam"),
+    "layers/attn/q/lora_b": ((2, 4, 4, 32), "float32", "LoRAParam"),
+    "layers/attn/k/lora_a": ((2, 128, 4), "float32", "LoRAParam"),
+    "layers/attn/k/lora_b": ((2, 4, 2, 32), "float32", "LoRAParam"),
+    "layers/attn/v/lora_a": ((2, 128, 4), "float32", "LoRAParam"),
+    "layers/attn/v/lora_b": ((2, 4, 2, 32), "float32", "LoRAParam"),
+    "layers/attn/o/lora_a": ((2, 4, 32, 4), "float32", "LoRAParam"),
+    "layers/attn/o/lora_b": ((2, 4, 128), "float32", "LoRAParam"),
+    "layers/mlp/gate/lora_a": ((2, 128, 4), "float32", "LoRAParam"),
+    "layers/mlp/gate/lora_b": ((2, 4, 384), "float32", "LoRAParam"),
+    "layers/mlp/up/lora_a": ((2, 128, 4), "float32", "LoRAParam"),
+    "layers/mlp/up/lora_b": ((2, 4, 384), "float32", "LoRAParam"),
+    "layers/mlp/down/lora_a": ((2, 384, 4), "float32", "LoRAParam"),
+    "layers/mlp/down/lora_b": ((2, 4, 128), "float32", "LoRAParam"),
+}
+
+
+@pytest.mark.parametrize("variant,expected", [
+    ("plain", _PLAIN_TOY),
+    ("int8", {**_PLAIN_TOY, **_INT8_TOY}),
+    ("int4-g32", {**_PLAIN_TOY, **_INT4_G32_TOY}),
+    ("lora-int4-g32", {**_PLAIN_TOY, **_INT4_G32_TOY, **_LORA_R4_TOY}),
+])
+def test_state_paths_are_the_same_with_quantization_and_adapters(variant, expected):
+    from model.network.lora import LoraConfig
+
+    kw = {"plain": {}, "int8": dict(quant="int8"), "int4-g32": dict(quant="int4-g32"),
+          "lora-int4-g32": dict(quant="int4-g32", lora=LoraConfig(rank=4))}[variant]
+    _, state = abstract_model(LlamaConfig.preset("toy", **kw))
+    got = {"/".join(map(str, path)): (tuple(v.shape), str(v.dtype), type(v).__name__)
+           for path, v in nnx.to_flat_state(state)}
+    assert got == expected
 
 
 def _compiled_dense(qc, I, O, tokens, mesh=None):

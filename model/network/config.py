@@ -8,7 +8,7 @@ from pathlib import Path
 
 import jax.numpy as jnp
 
-
+from model.network.quant import parse as parse_quant
 
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
@@ -36,7 +36,7 @@ class LlamaConfig:
     tie_embeddings: bool = False
     param_dtype: str = "bfloat16"
     compute_dtype: str = "bfloat16"
-    remat: str = "full"  # none | full | dots | qkv_proj (see model/llama.py)
+    remat: str = "full"  # none | full | dots | attn_proj (REMAT_POLICIES in model/network/llama.py)
     attention: str = "auto"  # auto | xla | cudnn | splash
     scan_layers: bool = True
     quant: object | None = None  # model.network.quant.QuantConfig: int8/int4 base weights
@@ -45,9 +45,8 @@ class LlamaConfig:
     eos_token_ids: tuple[int, ...] = (128001,)
 
     def __post_init__(self):
-        if self.quant is not None:  # "int8", "int4", "int4-g64" -> model.quant.QuantConfig (no import cycle:
-            from model.network.quant import parse  # model.quant does not import this module)
-            object.__setattr__(self, "quant", parse(self.quant))
+        if self.quant is not None:  # "int8", "int4", "int4-g64" -> model.network.quant.QuantConfig
+            object.__setattr__(self, "quant", parse_quant(self.quant))
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
@@ -181,11 +180,15 @@ PRESETS: dict[str, LlamaConfig] = {
     "llama3.1-8b": LlamaConfig(dim=4096, mlp_dim=14336, num_layers=32, num_heads=32, **_LLAMA31),
     "llama3.1-70b": LlamaConfig(dim=8192, mlp_dim=28672, num_layers=80, num_heads=64, **_LLAMA31),
     "llama3.1-405b": LlamaConfig(dim=16384, mlp_dim=53248, num_layers=126, num_heads=128, **_LLAMA31),
-    # Small enough to train in a minute on a laptop CPU, with the byte-level tokenizer
-    # (model/tokenizer.py ByteTokenizer: 256 bytes + Llama 3's 256 special tokens).
+    # Small enough to train in a minute on a laptop CPU; float32 (its dtype is the jobs' default for it),
+    # with the byte-level tokenizer (PRESET_TOKENIZERS).
     "toy": LlamaConfig(
         vocab_size=512, dim=128, mlp_dim=384, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32,
         max_seq_len=2048, param_dtype="float32", compute_dtype="float32", bos_token_id=256,
         eos_token_ids=(257,),
     ),
 }
+
+# The tokenizer a preset comes with, for jobs that run it without a checkpoint: "bytes" is
+# model/formats/tokenizer.py's ByteTokenizer (256 bytes + Llama 3's 256 special tokens).
+PRESET_TOKENIZERS: dict[str, str] = {"toy": "bytes"}

@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
+from model.network.attention import attend
+from model.network.backends import cpu_kernels
 from model.network.config import LlamaConfig
 from sharding.rules import RULES, constrain, named_sharding
 
@@ -99,14 +101,6 @@ def create(cfg: LlamaConfig, slots: int, length: int, dtype: str, mesh: Mesh, ru
                    out_shardings=shardings(abs_, mesh, rules))()
 
 
-def bytes_per_token(cfg: LlamaConfig, dtype: str) -> int:
-    """Cache bytes per token of context (all layers, keys and values)."""
-    per = cfg.num_layers * cfg.num_kv_heads * 2
-    if dtype == "int8":
-        return per * (cfg.head_dim + 4)
-    return per * cfg.head_dim * jnp.dtype(dtype).itemsize
-
-
 def _quantize(x_BTKH):
     xf = x_BTKH.astype(jnp.float32)
     scale = jnp.max(jnp.abs(xf), axis=-1) / 127.0
@@ -128,7 +122,8 @@ class CacheUpdate:
     rows: jax.Array
     kv_len: int
     layer_params: tuple | None = None
-    cpu_kernels: bool = False  # attention by model/cpu_attention.cc (one CPU device; float32/bf16 caches)
+    # attention by backends/cpu_attention.cc: set where `cpu_kernels.enabled(mesh)` holds (the engine)
+    cpu_kernels: bool = False
 
     def layer(self, cache: KVCache, layer, positions_BT, segments_BT) -> LayerCache:
         return LayerCache(cache, layer, self.rows, positions_BT, segments_BT, self.kv_len, self.cpu_kernels)
@@ -149,9 +144,6 @@ class LayerCache:
     def attend(self, q_BTNH, k_BTKH, v_BTKH, impl: str):
         """Writes this step's keys/values, then attends q over the first kv_len positions of each row's
         slot; returns (output [B, T, N, H], updated cache)."""
-        from model.network import cpu_kernels
-        from model.network.attention import attend
-
         if self.cpu_kernels and cpu_kernels.attention_applies(self.cache):
             c = self.write(k_BTKH, v_BTKH)
             out = cpu_kernels.attention(q_BTNH, c, self.layer, self.rows, self.positions, self.segments, self.kv_len)

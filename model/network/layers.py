@@ -1,4 +1,4 @@
-"""Building blocks: dense (einsum) layers, RMSNorm, embeddings and rotary position embeddings.
+"""Building blocks: parameters, RMSNorm, embeddings and rotary position embeddings (dense layers: dense.py).
 
 Dimension alphabet, used in einsum strings and names throughout `model/`:
   B batch, T query length, S key length, D model dim, N query heads, K KV heads,
@@ -17,7 +17,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from model.network import cpu_kernels, lora, quant
 from model.network.config import LlamaConfig
 
 # Logical names are metadata only: shardings are derived from them explicitly (sharding/rules.py).
@@ -33,51 +32,6 @@ def _stacked(shape, axes, layers):
 def param(rngs: nnx.Rngs | None, init, shape, axes, dtype, layers=None) -> nnx.Param:
     shape, axes = _stacked(shape, axes, layers)
     return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=axes)
-
-
-class Dense(nnx.Module):
-    """`y = einsum(eq, x, kernel)`; the kernel's shape is its input dims followed by its output dims.
-
-    Quantization and LoRA (model/quant.py, model/lora.py) extend this layer in place: the base
-    weight keeps the path `…/kernel` with or without them.
-    """
-
-    def __init__(self, name: str, eq: str, in_shape, out_shape, axes, *, cfg: LlamaConfig, rngs: nnx.Rngs,
-                 layers: int | None = None):
-        self.name = name  # q, k, v, o, gate, up, down or lm_head: what LoRA/quant targets select
-        self.eq = eq
-        self.in_shape, self.out_shape = tuple(in_shape), tuple(out_shape)
-        self.compute_dtype = jnp.dtype(cfg.compute_dtype)
-        std = 1.0 / math.sqrt(math.prod(in_shape))
-        self.kernel = param(rngs, nnx.initializers.normal(std), (*in_shape, *out_shape), axes,
-                            jnp.dtype(cfg.param_dtype), layers)
-        self.quant = quant.for_layer(cfg.quant, name, eq, self.in_shape, self.out_shape)
-        if self.quant is not None:  # integer kernel under the same path, plus its scales
-            self.kernel, self.scale = quant.quantize_param(self.kernel, self.quant, self.in_shape, self.out_shape)
-        self.has_lora = cfg.lora is not None and name in cfg.lora.targets
-        if self.has_lora:
-            n = len(self.in_shape)
-            lora.add_adapters(self, cfg.lora, self.in_shape, self.out_shape, axes[:n], axes[n:], layers, rngs)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return project(x, self)[0]
-
-    def base(self, x: jax.Array) -> jax.Array:
-        """The product with the base weight (no LoRA) of x already in the compute dtype."""
-        if self.quant is not None:
-            return quant.matmul(x, self.kernel[...], self.scale[...], self.quant, self.in_shape, self.out_shape,
-                                self.compute_dtype)
-        return jnp.einsum(self.eq, x, self.kernel[...].astype(self.compute_dtype))
-
-
-def project(x: jax.Array, *layers: Dense) -> list[jax.Array]:
-    """[layer(x) for layer in layers] for Dense layers sharing their input (q, k, v; gate, up): with kernels
-    the serving engine packed for model/cpu_gemv.cc, one call computes them all."""
-    x = x.astype(layers[0].compute_dtype)
-    ys = cpu_kernels.dense(layers, x)
-    if ys is None:
-        ys = [d.base(x) for d in layers]
-    return [y + lora.delta(d, x, d.eq) if d.has_lora else y for d, y in zip(layers, ys)]
 
 
 class RMSNorm(nnx.Module):

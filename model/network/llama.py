@@ -14,7 +14,8 @@ from jax.ad_checkpoint import checkpoint_name as name
 from model.network import kv_cache, lora
 from model.network.attention import attend, choose
 from model.network.config import LlamaConfig
-from model.network.layers import Dense, Embed, RMSNorm, apply_rope, project, rope_frequencies
+from model.network.dense import make_dense, project
+from model.network.layers import Embed, RMSNorm, apply_rope, rope_frequencies
 from sharding.rules import constrain
 
 # Remat policies by config name. Names given with `checkpoint_name` below: "attn_proj" marks the
@@ -31,10 +32,10 @@ class Attention(nnx.Module):
     def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs, layers: int | None = None):
         D, N, K, H = cfg.dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         kw = dict(cfg=cfg, rngs=rngs, layers=layers)
-        self.q = Dense("q", "BTD,DNH->BTNH", (D,), (N, H), ("embed", "heads", "head_dim"), **kw)
-        self.k = Dense("k", "BTD,DKH->BTKH", (D,), (K, H), ("embed", "kv_heads", "head_dim"), **kw)
-        self.v = Dense("v", "BTD,DKH->BTKH", (D,), (K, H), ("embed", "kv_heads", "head_dim"), **kw)
-        self.o = Dense("o", "BTNH,NHD->BTD", (N, H), (D,), ("heads", "head_dim", "embed"), **kw)
+        self.q = make_dense("q", "BTD,DNH->BTNH", (D,), (N, H), ("embed", "heads", "head_dim"), **kw)
+        self.k = make_dense("k", "BTD,DKH->BTKH", (D,), (K, H), ("embed", "kv_heads", "head_dim"), **kw)
+        self.v = make_dense("v", "BTD,DKH->BTKH", (D,), (K, H), ("embed", "kv_heads", "head_dim"), **kw)
+        self.o = make_dense("o", "BTNH,NHD->BTD", (N, H), (D,), ("heads", "head_dim", "embed"), **kw)
         self.impl = choose(cfg.attention)
 
     def __call__(self, x_BTD, positions_BT, segments_BT, inv_freq, packed: bool,
@@ -58,9 +59,9 @@ class MLP(nnx.Module):
     def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs, layers: int | None = None):
         D, F = cfg.dim, cfg.mlp_dim
         kw = dict(cfg=cfg, rngs=rngs, layers=layers)
-        self.gate = Dense("gate", "BTD,DF->BTF", (D,), (F,), ("embed", "mlp"), **kw)
-        self.up = Dense("up", "BTD,DF->BTF", (D,), (F,), ("embed", "mlp"), **kw)
-        self.down = Dense("down", "BTF,FD->BTD", (F,), (D,), ("mlp", "embed"), **kw)
+        self.gate = make_dense("gate", "BTD,DF->BTF", (D,), (F,), ("embed", "mlp"), **kw)
+        self.up = make_dense("up", "BTD,DF->BTF", (D,), (F,), ("embed", "mlp"), **kw)
+        self.down = make_dense("down", "BTF,FD->BTD", (F,), (D,), ("mlp", "embed"), **kw)
 
     def __call__(self, x_BTD):
         gate, up = project(x_BTD, self.gate, self.up)
@@ -95,14 +96,15 @@ class Llama(nnx.Module):
         self.layers = Block(cfg, rngs=rngs, layers=cfg.num_layers)
         self.norm = RMSNorm(cfg.dim, cfg=cfg)
         if not cfg.tie_embeddings:
-            self.lm_head = Dense("lm_head", "BTD,DV->BTV", (cfg.dim,), (cfg.vocab_size,), ("embed", "vocab"), cfg=cfg, rngs=rngs)
+            self.lm_head = make_dense("lm_head", "BTD,DV->BTV", (cfg.dim,), (cfg.vocab_size,), ("embed", "vocab"),
+                                      cfg=cfg, rngs=rngs)
 
     def __call__(self, tokens_BT, positions_BT=None, segments_BT=None, *,
                  cache: kv_cache.CacheUpdate | None = None, logits_at=None):
         """Float32 logits [B, T, V]. Without positions, rows are single documents from position 0;
         with segment ids, tokens attend only within their segment (packed rows).
 
-        Serving (model/kv_cache.py): with `cache`, the tokens are new tokens of the cache slots
+        Serving (model/network/kv_cache.py): with `cache`, the tokens are new tokens of the cache slots
         `cache.rows` at `positions_BT` (segment 0 marks padding); returns (logits, updated KVCache).
         `logits_at` [B] picks one token per row: logits [B, 1, V] for that token only."""
         if cache is not None:

@@ -1,9 +1,10 @@
 """LoRA adapters on dense layers: `y = W x + (x A) B · scale`, with scale = alpha / r (or alpha / sqrt(r), rsLoRA).
 
-Adapters live on the `Dense` they adapt, as `lora_a` [*in, R] and `lora_b` [R, *out] (`nnx.LoRAParam`,
-stacked with a leading `layers` axis like the kernel), so the base weight keeps its path and the
-adapters can be split off by type: only they are differentiated and only they get optimizer state.
-`B` starts at zero, so a fresh adapter leaves the base model's output unchanged.
+Adapters live on the dense layer they adapt (`LoRADense`, model/network/dense.py), as `lora_a` [*in, R]
+and `lora_b` [R, *out] (`nnx.LoRAParam`, stacked with a leading `layers` axis like the kernel), so the
+base weight keeps its path and the adapters can be split off by type: only they are differentiated and
+only they get optimizer state. `B` starts at zero, so a fresh adapter leaves the base model's output
+unchanged.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+from model.network.quant import TARGETS
+
 PEFT_NAMES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
               "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
 
@@ -47,17 +49,15 @@ class LoraConfig:
         return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
 
 
-def add_adapters(dense, lora: LoraConfig, in_shape, out_shape, in_axes, out_axes, layers, rngs: nnx.Rngs):
-    """Creates `lora_a` (Kaiming-uniform, as PEFT) and `lora_b` (zeros) on `dense`."""
+def adapters(lora: LoraConfig, in_shape, out_shape, in_axes, out_axes, layers: int | None,
+             rngs: nnx.Rngs) -> tuple[nnx.LoRAParam, nnx.LoRAParam]:
+    """(`lora_a` [*in, R], Kaiming-uniform as PEFT; `lora_b` [R, *out], zeros) with their logical axes."""
     R, dtype = lora.rank, jnp.dtype(lora.dtype)
     lead, lead_axes = ((layers,), ("layers",)) if layers else ((), ())
     bound = 1.0 / math.sqrt(math.prod(in_shape))
     a = jax.random.uniform(rngs.params(), (*lead, *in_shape, R), dtype, -bound, bound)
-    dense.lora_a = nnx.LoRAParam(a, out_sharding=(*lead_axes, *in_axes, "lora_rank"))
-    dense.lora_b = nnx.LoRAParam(jnp.zeros((*lead, R, *out_shape), dtype),
-                                 out_sharding=(*lead_axes, "lora_rank", *out_axes))
-    dense.lora_scale = lora.scale
-    dense.lora_dropout = lora.dropout
+    return (nnx.LoRAParam(a, out_sharding=(*lead_axes, *in_axes, "lora_rank")),
+            nnx.LoRAParam(jnp.zeros((*lead, R, *out_shape), dtype), out_sharding=(*lead_axes, "lora_rank", *out_axes)))
 
 
 _DROPOUT_KEY: contextvars.ContextVar[jax.Array | None] = contextvars.ContextVar("lora_dropout_key", default=None)
@@ -77,18 +77,18 @@ def current_dropout_key() -> jax.Array | None:
     return _DROPOUT_KEY.get()
 
 
-def delta(dense, x: jax.Array, eq: str) -> jax.Array:
-    """The adapter's contribution for input `x`; `eq` is the dense layer's einsum string."""
+def delta(x: jax.Array, a: jax.Array, b: jax.Array, eq: str, lora: LoraConfig, name: str) -> jax.Array:
+    """The adapter's contribution `(x A) B · scale` for input `x`: a [*in, R], b [R, *out]; `eq` is the
+    adapted layer's einsum string, `name` its target name (each target draws its own dropout mask)."""
     ins, out = eq.split("->")
     x_sub, w_sub = ins.split(",")
-    n_in = dense.lora_a.ndim - 1
+    n_in = a.ndim - 1
     a_sub, b_sub = w_sub[:n_in] + "R", "R" + w_sub[n_in:]
     r_sub = "".join(c for c in x_sub if c not in w_sub[:n_in]) + "R"
     key = current_dropout_key()
-    if dense.lora_dropout and key is not None:
-        key = jax.random.fold_in(key, zlib.crc32(dense.name.encode()))
-        keep = jax.random.bernoulli(key, 1.0 - dense.lora_dropout, x.shape)
-        x = jnp.where(keep, x / (1.0 - dense.lora_dropout), 0).astype(x.dtype)
-    h = jnp.einsum(f"{x_sub},{a_sub}->{r_sub}", x, dense.lora_a[...].astype(x.dtype))
-    return jnp.einsum(f"{r_sub},{b_sub}->{out}", h, dense.lora_b[...].astype(x.dtype)) * jnp.asarray(
-        dense.lora_scale, x.dtype)
+    if lora.dropout and key is not None:
+        key = jax.random.fold_in(key, zlib.crc32(name.encode()))
+        keep = jax.random.bernoulli(key, 1.0 - lora.dropout, x.shape)
+        x = jnp.where(keep, x / (1.0 - lora.dropout), 0).astype(x.dtype)
+    h = jnp.einsum(f"{x_sub},{a_sub}->{r_sub}", x, a.astype(x.dtype))
+    return jnp.einsum(f"{r_sub},{b_sub}->{out}", h, b.astype(x.dtype)) * jnp.asarray(lora.scale, x.dtype)

@@ -1,6 +1,6 @@
 """Weight-only quantization: int8 per output channel, int4 per group of input rows; no dequantized copies.
 
-A quantized `Dense` (model/layers.py) keeps its integer weight under the same path `…/kernel` (same
+A `QuantizedDense` (model/network/dense.py) keeps its integer weight under the same path `…/kernel` (same
 shape as the float kernel, [*in, *out], dtype int8 or int4) plus `…/scale`:
 
   int8 (group_size 0): scale [*out]              y = (x · q) ⊙ s                 (scale on the output)
@@ -38,8 +38,9 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
+from sharding.rules import active_mesh
 
-TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # the default: every block projection
+TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # the block projections: default quant and LoRA targets
 QUANTIZABLE = (*TARGETS, "lm_head")  # the LM head only when asked for; the embedding stays float
 BITS = {8: jnp.int8, 4: jnp.int4}
 QMAX = {8: 127, 4: 7}
@@ -97,7 +98,7 @@ def parse(quant) -> QuantConfig | None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Layer set-up (called by model.layers.Dense)
+# Layer set-up (called by model.network.dense)
 
 def for_layer(quant, name: str, eq: str, in_shape, out_shape) -> QuantConfig | None:
     """The QuantConfig that applies to dense layer `name`, or None; refuses shapes it cannot quantize."""
@@ -185,9 +186,7 @@ def layer_dims(qc: QuantConfig, kernel_shape, scale_shape) -> tuple[tuple[int, .
 # The matmul
 
 def _platform() -> str:
-    from sharding.rules import active_mesh  # the mesh being compiled for (may be an AOT TPU topology)
-
-    mesh = active_mesh()
+    mesh = active_mesh()  # the mesh being compiled for (may be an AOT TPU topology)
     if mesh is not None and mesh.devices.size:
         return mesh.devices.flat[0].platform
     return jax.default_backend()

@@ -1,0 +1,157 @@
+"""Kernels for serving on one CPU device, as XLA custom calls built on first use: Dense products
+(cpu_gemv.cc) and attention over the KV cache (cpu_attention.cc), both beside this file.
+
+XLA:CPU reads float32 weights at memory speed in a matrix-vector product, but not bfloat16, int8 or
+int4 ones: it first converts the whole weight to float32 (a copy written and read back: 5 to 40 times
+slower, measured on this project's bench shape). These kernels read each weight once in its stored
+format, with the weight transposed to [out, in] so that every output is a dot product of two
+contiguous rows: bf16 with AVX512-BF16 pair products, int8/int4 with AVX512-VNNI integer dot products
+over activations quantized to int8 per block of 128 inputs (as llama.cpp's CPU kernels do).
+
+`enabled(mesh)` is the one decision: one CPU device and the library built. The serving engine asks it
+once; when it holds, the engine packs its per-layer weights (`model.network.dense.pack_cpu`, which
+uses `covers` and `pack` here): a packed kernel carries `cpu_layout="out_in"` in its metadata, and
+every product of that layer (decode and prefill) goes through `gemv`. Layers the kernels do not cover
+(other dtypes, int4 groups not a multiple of 128, sizes that do not divide) stay unpacked and use
+XLA's dot. The library is compiled with the C++ compiler found on PATH (`-O3 -march=native`) into
+~/.cache/llama-jax (or $LLAMA_JAX_CACHE).
+
+Attention: XLA runs a decode step's attention as ~10 small ops per layer (gather the slot's keys and
+values, convert, transpose, two dots, softmax), each costing more in launch overhead than in
+arithmetic; with the same decision (`kv_cache.CacheUpdate(cpu_kernels=True)`) `attention` computes it
+in one call.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import jaxlib
+from jax.sharding import Mesh
+
+log = logging.getLogger(__name__)
+
+SOURCES = [Path(__file__).with_name(n) for n in ("cpu_gemv.cc", "cpu_attention.cc")]
+LAYOUT = "out_in"  # metadata value (`cpu_layout`) of a packed kernel
+BLOCK = 128  # activation quantization block of the integer kernels
+_STATE: dict = {}
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("LLAMA_JAX_CACHE", Path.home() / ".cache" / "llama-jax"))
+
+
+def build() -> Path:
+    """Compiles the kernel library (once per source, compiler flags and jaxlib version) and returns its path."""
+    include = Path(jaxlib.__file__).parent / "include"
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+    if cxx is None:
+        raise RuntimeError("no C++ compiler on PATH (g++, c++ or clang++)")
+    flags = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w",
+             *os.environ.get("LLAMA_JAX_CPU_FLAGS", "").split()]
+    src = b"".join(f.read_bytes() for f in SOURCES)
+    key = hashlib.sha256(src + " ".join([cxx, *flags, jaxlib.__version__]).encode()).hexdigest()[:16]
+    out = _cache_dir() / f"cpu_kernels-{key}.so"
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(f".{os.getpid()}.tmp")
+        cmd = [cxx, *flags, f"-I{include}", *map(str, SOURCES), "-o", str(tmp)]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode:
+            raise RuntimeError(f"building the CPU kernels failed ({' '.join(cmd)}):\n{r.stderr[-2000:]}")
+        os.replace(tmp, out)
+    return out
+
+
+def available() -> bool:
+    """Builds and registers the kernels on first call; False (logged once) where that is not possible."""
+    if "ok" not in _STATE:
+        try:
+            lib = ctypes.cdll.LoadLibrary(str(build()))
+            for name in ("llama_jax_gemv", "llama_jax_attention"):
+                jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform="cpu")
+            _STATE.update(ok=True, lib=lib)
+        except Exception as e:  # no compiler, unsupported platform: XLA's path it is
+            log.warning("CPU kernels unavailable, serving with XLA's ops: %s", e)
+            _STATE["ok"] = False
+    return _STATE["ok"]
+
+
+def enabled(mesh: Mesh) -> bool:
+    """The one decision: the kernels serve computations on `mesh` when it is a single CPU device and the
+    library is built (on first call). Elsewhere (accelerators, several devices) XLA's ops run."""
+    devices = mesh.devices
+    return devices.size == 1 and devices.flat[0].platform == "cpu" and available()
+
+
+# ---------------------------------------------------------------------------------------------
+# Dense products (cpu_gemv.cc)
+
+def covers(kernel_dtype, scale_dtype, group: int, compute_dtype, K: int, N: int) -> bool:
+    """Whether the kernels take a [K, N] product with this weight: float kernels in the compute dtype
+    (scale_dtype None), int8 with one scale per output, or int4 with groups of a multiple of BLOCK rows."""
+    kernel_dtype = jnp.dtype(kernel_dtype)
+    if N % 4:
+        return False
+    if scale_dtype is None:
+        if kernel_dtype != jnp.dtype(compute_dtype):
+            return False
+        return (kernel_dtype == jnp.float32 and K % 16 == 0) or (kernel_dtype == jnp.bfloat16 and K % 32 == 0)
+    if jnp.dtype(scale_dtype) not in (jnp.float32, jnp.bfloat16):
+        return False
+    if kernel_dtype == jnp.int8:
+        return not group and K % BLOCK == 0
+    return kernel_dtype == jnp.int4 and group > 0 and group % BLOCK == 0 and K % group == 0
+
+
+def pack(kernel, scale, group: int, K: int, N: int):
+    """(kernel [*in, *out], scale) -> the kernels' layout: the kernel as [N, K], a grouped scale as
+    [N, K / group] (a per-channel scale is kept as it is). New arrays; the inputs are left as they were."""
+    wt = jnp.asarray(kernel).reshape(K, N).T.copy()
+    if scale is not None and group:
+        scale = jnp.asarray(scale).reshape(K // group, N).T.copy()
+    return wt, scale
+
+
+def is_packed(layer) -> bool:
+    """Whether a dense layer's `kernel` Param is in the kernels' layout (see `pack`)."""
+    return layer.kernel.get_metadata().get("cpu_layout") == LAYOUT
+
+
+def gemv(x2, weights, group: int = 0) -> list[jax.Array]:
+    """[x [M, K] · wtᵀ for wt, scale in weights], float32 [M, N]: one call for products sharing x. wt [N, K]
+    is float32, bfloat16 (x is cast to it), int8 with scale [N] or int4 with scale [N, K / group]."""
+    if not available():
+        raise RuntimeError("the CPU kernels could not be built (see the log)")
+    x_dtype = jnp.bfloat16 if weights[0][0].dtype == jnp.bfloat16 else jnp.float32
+    args = [a for wt, scale in weights for a in (wt, jnp.zeros((0,), jnp.float32) if scale is None else scale)]
+    outs = [jax.ShapeDtypeStruct((x2.shape[0], wt.shape[0]), jnp.float32) for wt, _ in weights]
+    return jax.ffi.ffi_call("llama_jax_gemv", outs)(x2.astype(x_dtype), *args, group=int(group))
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention over the KV cache (cpu_attention.cc)
+
+def attention_applies(cache) -> bool:
+    """Caches the attention kernel reads: float32, or bfloat16 held as bits."""
+    return not cache.quantized and cache.dtype in ("float32", "bfloat16")
+
+
+def attention(q_BTNH, cache, layer, rows, positions, segments, kv_len: int) -> jax.Array:
+    """Attention of q over positions [0, kv_len) of cache slots `rows` in `layer` of a float32 or bfloat16
+    KVCache (already holding this step's keys/values); the engine's XLA path, in one call. -> [B, T, N, H]
+    in q's dtype."""
+    out = jax.ShapeDtypeStruct(q_BTNH.shape, jnp.float32)
+    y = jax.ffi.ffi_call("llama_jax_attention", out)(
+        q_BTNH.astype(jnp.float32), cache.k, cache.v, jnp.asarray(layer, jnp.int32), rows.astype(jnp.int32),
+        positions.astype(jnp.int32), segments.astype(jnp.int32), kv_len=int(kv_len),
+        round_probs=int(q_BTNH.dtype == jnp.bfloat16))
+    return y.astype(q_BTNH.dtype)
