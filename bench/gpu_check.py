@@ -15,11 +15,21 @@ import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo, before bench/
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 
-PEAK = {"H100": 989e12, "H200": 989e12}
+import model  # noqa: E402
+from model.network.attention import cudnn_attention, xla_attention  # noqa: E402
+from model.network.lora import LoraConfig  # noqa: E402
+from serve.config import EngineConfig, ModelSpec  # noqa: E402
+from serve.engine import Engine  # noqa: E402
+from serve.sampling import SamplingParams  # noqa: E402
+from serve.weights import build  # noqa: E402
+from sharding import topology  # noqa: E402
+from sharding.mesh import single_device_mesh  # noqa: E402
+from train.program import StepShape, TrainProgram  # noqa: E402
+from train.step import model_flops_per_token  # noqa: E402
 
 
 def emit(**kw):
@@ -36,8 +46,6 @@ def timed(f, *args, n=10):
 
 
 def attention_check():
-    from model.network.attention import cudnn_attention, xla_attention
-
     rng = np.random.default_rng(0)
     B, T, N, K, H = 2, 4096, 32, 8, 128
     q = jnp.asarray(rng.normal(size=(B, T, N, H)), jnp.bfloat16)
@@ -55,8 +63,6 @@ def attention_check():
 
 
 def model_attention_check(preset):
-    import model
-
     cfg = model.LlamaConfig.preset(preset, num_layers=2, vocab_size=32768, param_dtype="bfloat16",
                                    compute_dtype="bfloat16")
     toks = np.random.default_rng(1).integers(0, 32768, size=(2, 1024), dtype=np.int32)
@@ -71,12 +77,6 @@ def model_attention_check(preset):
 
 
 def decode_check(preset):
-    from serve.config import EngineConfig, ModelSpec
-    from serve.engine import Engine
-    from serve.sampling import SamplingParams
-    from serve.weights import build
-    from sharding.mesh import single_device_mesh
-
     for quant in (None, "int8", "int4"):
         t0 = time.perf_counter()
         spec = ModelSpec(preset=preset, dtype="bfloat16", quant=quant, tokenizer="bytes")
@@ -97,26 +97,13 @@ def decode_check(preset):
 
 
 def train_check(preset, T, remat):
-    import model
-    from model.network.lora import LoraConfig
-    from sharding.mesh import single_device_mesh
-    from train.config import OptimizerConfig
-    from train.step import (
-        init_train_state,
-        make_step_fn,
-        model_flops_per_token,
-        optimizer,
-        split_trainable,
-    )
-
     B = 1
     cfg = model.LlamaConfig.preset(preset, remat=remat, lora=LoraConfig(rank=16, alpha=32))
     mesh = single_device_mesh()
     m = model.init(cfg, mesh=mesh)
-    trainable, frozen = split_trainable(cfg, m.state)
-    tx, _ = optimizer(OptimizerConfig(), 1000)
-    state = init_train_state(trainable, tx, 0)
-    step = jax.jit(make_step_fn(m.graphdef, cfg, tx, mesh, 1, dropout=False), donate_argnums=0)
+    program = TrainProgram.build(cfg, m.graphdef, m.state, mesh, StepShape(B, T))
+    trainable, frozen = program.split(m.state)
+    state, step = program.init_state(trainable), program.step
     toks = np.random.default_rng(0).integers(0, cfg.vocab_size, (B, T + 1), dtype=np.int32)
     batch = {"inputs": toks[:, :-1], "targets": toks[:, 1:], "weights": np.ones((B, T), np.float32),
              "segments": np.ones((B, T), np.int32), "positions": np.broadcast_to(np.arange(T, dtype=np.int32), (B, T))}
@@ -132,7 +119,7 @@ def train_check(preset, T, remat):
         times.append(time.perf_counter() - t0)
     dt = float(np.median(times))
     kind = jax.devices()[0].device_kind
-    peak = next((v for k, v in PEAK.items() if k in kind), None)
+    peak = topology.peak_flops(kind)  # the one table (sharding/topology.py), by device_kind
     flops = model_flops_per_token(cfg, T, lora_only=True) * B * T
     stats = jax.devices()[0].memory_stats() or {}
     emit(check="lora_train_8b", device=kind, batch=B, seq=T, remat=remat, step_s=round(dt, 3),

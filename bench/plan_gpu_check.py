@@ -20,6 +20,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+import model  # noqa: E402
+from planner.estimate import abstract_mesh, estimate  # noqa: E402
+from planner.job import Job, model_config  # noqa: E402
+from sharding.mesh import make_mesh  # noqa: E402
+from train.config import OptimizerConfig  # noqa: E402
+from train.program import StepShape, TrainProgram  # noqa: E402
+
 
 def main() -> None:
     ap = argparse.ArgumentParser()
@@ -32,27 +39,12 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=None)
     args = ap.parse_args()
 
-    import model
-    from model.network.model import state_shardings
-    from sharding import plan as plan_lib
-    from sharding.mesh import make_mesh
-    from train.config import OptimizerConfig
-    from train.step import (
-        batch_shardings,
-        init_train_state,
-        make_step_fn,
-        optimizer,
-        split_trainable,
-        train_state_shardings,
-    )
-
     mode = "lora" if args.quant == "bf16" else "qlora"
-    job = plan_lib.Job(model=args.model, mode=mode, quant=args.quant, batch=args.batch, seq=args.seq,
-                       layers=args.layers)
+    job = Job(model=args.model, mode=mode, quant=args.quant, batch=args.batch, seq=args.seq, layers=args.layers)
     mesh = make_mesh(args.mesh)
     dev = jax.devices()[0]
-    est = plan_lib.estimate(job, plan_lib._abstract(dict(mesh.shape)), dev.platform)
-    cfg = plan_lib.model_config(job)
+    est = estimate(job, abstract_mesh(dict(mesh.shape)), dev.platform)
+    cfg = model_config(job)
     row = {"bench": "plan_gpu_check", "device": dev.device_kind, "devices": jax.device_count(), "model": args.model,
            "mode": mode, "quant": args.quant, "batch": args.batch, "seq": args.seq, "mesh": dict(mesh.shape),
            "analytic": est, "analytic_total": sum(est.values())}
@@ -61,24 +53,20 @@ def main() -> None:
     m = model.init(cfg, mesh=mesh)
     jax.block_until_ready(m.state)
     row["init_s"] = round(time.perf_counter() - t0, 1)
-    trainable, frozen = split_trainable(cfg, m.state)
-    tx, _ = optimizer(OptimizerConfig(), 100)
-    t_sh = state_shardings(trainable, mesh)
-    abstract_state = jax.eval_shape(lambda p: init_train_state(p, tx, 0), trainable)
-    s_sh = train_state_shardings(tx, abstract_state, t_sh, mesh)
-    state = jax.jit(lambda p: init_train_state(p, tx, 0), out_shardings=s_sh)(trainable)
+    program = TrainProgram.build(cfg, m.graphdef, m.state, mesh, StepShape(args.batch, args.seq), OptimizerConfig(),
+                                 100)
+    trainable, frozen = program.split(m.state)
+    state = program.init_state(trainable)
     del trainable
-    b_sh = batch_shardings(mesh, args.batch, args.seq)
+    b_sh = program.batch_shardings
     rng = np.random.default_rng(0)
     toks = rng.integers(0, cfg.vocab_size, (args.batch, args.seq + 1)).astype(np.int32)
     host = {"inputs": toks[:, :-1], "targets": toks[:, 1:], "weights": np.ones((args.batch, args.seq), np.float32),
             "segments": np.ones((args.batch, args.seq), np.int32),
             "positions": np.broadcast_to(np.arange(args.seq, dtype=np.int32), (args.batch, args.seq)).copy()}
     batch = {k: jax.device_put(v, b_sh[k]) for k, v in host.items()}
-    step = jax.jit(make_step_fn(m.graphdef, cfg, tx, mesh, 1, dropout=False), donate_argnums=0,
-                   out_shardings=(s_sh, None))
     t0 = time.perf_counter()
-    compiled = step.lower(state, frozen, batch).compile()
+    compiled = program.step.lower(state, frozen, batch).compile()
     row["compile_s"] = round(time.perf_counter() - t0, 1)
     ma = compiled.memory_analysis()
     row["compiled_peak"] = int(getattr(ma, "peak_memory_in_bytes", 0) or 0)

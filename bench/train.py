@@ -26,13 +26,8 @@ import model  # noqa: E402
 from model.network.lora import LoraConfig  # noqa: E402
 from sharding.mesh import single_device_mesh  # noqa: E402
 from train.config import OptimizerConfig  # noqa: E402
-from train.step import (  # noqa: E402
-    init_train_state,
-    make_step_fn,
-    model_flops_per_token,
-    optimizer,
-    split_trainable,
-)
+from train.program import StepShape, TrainProgram  # noqa: E402
+from train.step import model_flops_per_token  # noqa: E402
 
 SHAPE = dict(vocab_size=32768, dim=1024, num_layers=8, num_heads=16, num_kv_heads=4, head_dim=64, mlp_dim=3584)
 B, T, R = 4, 512, 16
@@ -55,10 +50,10 @@ def ours(steps: int, dtype: str, remat: str) -> float:
                             lora=LoraConfig(rank=R, alpha=2 * R))
     mesh = single_device_mesh()
     m = model.init(cfg, mesh=mesh)
-    trainable, frozen = split_trainable(cfg, m.state)
-    tx, _ = optimizer(OptimizerConfig(learning_rate=1e-4, warmup_steps=0), 1000)
-    state = init_train_state(trainable, tx, 0)
-    step = jax.jit(make_step_fn(m.graphdef, cfg, tx, mesh, 1, dropout=False), donate_argnums=0)
+    program = TrainProgram.build(cfg, m.graphdef, m.state, mesh, StepShape(B, T),
+                                 OptimizerConfig(learning_rate=1e-4, warmup_steps=0), 1000)
+    trainable, frozen = program.split(m.state)
+    state, step = program.init_state(trainable), program.step
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, SHAPE["vocab_size"], (B, T + 1), dtype=np.int32)
     batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": np.ones((B, T), np.float32),

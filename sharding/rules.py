@@ -11,8 +11,8 @@ Serving (`SERVE_RULES`) differs in one entry: the batch is split over data only,
 batch over data, its length over sequence and its heads over tensor.
 
 Sharded creation and restoration: `abstract_arrays` pairs abstract shapes with their shardings
-(what `jax.jit(...).lower` and Orbax restore take), `create_sharded` runs an initializer straight
-into its shardings, so no process ever holds an unsharded copy of a large array.
+(what `jax.jit(...).lower` and Orbax restore take), so no process ever holds an unsharded copy of a
+large array (`jax.jit(init, out_shardings=…)` creates; model/formats/checkpoint.py restores).
 """
 
 from __future__ import annotations
@@ -127,20 +127,6 @@ def abstract_arrays(abstract_tree, shardings):
         return x.replace(value=sds) if is_var(x) else sds
 
     return jax.tree.map(one, abstract_tree, shardings, is_leaf=is_var)
-
-
-def create_sharded(init_fn, shardings, *args):
-    """Runs `init_fn(*args)` compiled with `out_shardings`: each device computes only its own shards."""
-    return jax.jit(init_fn, out_shardings=shardings)(*args)
-
-
-def restore_sharded(path, abstract_tree, shardings):
-    """Restores an Orbax (StandardSave) checkpoint at `path` straight into `shardings`: every process
-    reads only the shards its devices hold."""
-    import orbax.checkpoint as ocp  # deferred: a heavy import that only restoring needs
-
-    with ocp.StandardCheckpointer() as ckptr:
-        return ckptr.restore(path, abstract_arrays(abstract_tree, shardings))
 
 
 _ACTIVE: contextvars.ContextVar[tuple[Mesh, tuple] | None] = contextvars.ContextVar("mesh_rules", default=None)

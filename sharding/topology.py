@@ -8,6 +8,9 @@ description, usable on a machine without a TPU) and GPU nodes (HBM capacity for 
 Naming follows Cloud TPU: v6e-N and v5e-N count chips; v5p-N and v4-N count TensorCores (2 per chip,
 so v5p-8 is 4 chips). A multi-slice job is `KxNAME` (slices joined over the data-center network).
 GPU nodes are `h100xN`, `h200xN`, `a100xN` (N GPUs, 8 per node).
+
+FAMILIES is the one table of per-chip HBM and peak FLOP/s; `peak_flops(device.device_kind)` looks a
+running chip up in it (MFU).
 """
 
 from __future__ import annotations
@@ -17,6 +20,9 @@ import functools
 import math
 import os
 import re
+
+from jax._src import hardware_utils
+from jax.experimental import topologies
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,7 +35,8 @@ class Family:
     sizes: tuple[int, ...]  # valid slice sizes, in the family's naming unit
     cores_per_chip: int = 1  # the naming unit: v5p-8 counts TensorCores (2 per chip)
     chips_per_host: int = 4
-    device_kind: str = ""
+    device_kind: str = ""  # what jax reports as device.device_kind for this chip
+    device_kinds: tuple[str, ...] = ()  # device_kind prefixes of this family (runtime lookups)
     source: str = ""
 
     def chips(self, size: int) -> int:
@@ -38,25 +45,50 @@ class Family:
 
 GiB = 1 << 30
 
+# The one table of per-chip HBM and dense bf16 peak FLOP/s (the planner, MFU in train/, bench/).
 # HBM per chip. TPU v6e: the bytes_limit its runtime reports (memory_stats, 31.25 GiB of 32 GB);
 # the others: nominal capacities from the Cloud TPU / NVIDIA spec sheets (nvidia-smi MiB for GPUs).
+# device_kinds: v5p reports "TPU v5" and v5e "TPU v5 lite" (older runtimes: "TPU v5p" / "TPU v5e"); the
+# longest matching prefix wins, so "TPU v5 lite" is never taken for a v5p.
 FAMILIES: dict[str, Family] = {
     "v6e": Family("v6e", "tpu", 33_550_237_696, 918e12, 1.64e12, (1, 4, 8, 16, 32, 64, 128, 256),
-                  device_kind="TPU v6 lite", source="memory_stats() bytes_limit on v6e"),
+                  device_kind="TPU v6 lite", device_kinds=("TPU v6",), source="memory_stats() bytes_limit on v6e"),
     "v5e": Family("v5e", "tpu", 16 * GiB, 197e12, 0.82e12, (1, 4, 8, 16, 32, 64, 128, 256),
-                  device_kind="TPU v5 lite", source="Cloud TPU v5e spec, 16 GiB"),
+                  device_kind="TPU v5 lite", device_kinds=("TPU v5 lite", "TPU v5e"),
+                  source="Cloud TPU v5e spec, 16 GiB"),
     "v5p": Family("v5p", "tpu", 95 * GiB, 459e12, 2.77e12,
                   (8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192),
-                  cores_per_chip=2, device_kind="TPU v5", source="Cloud TPU v5p spec, 95 GiB"),
+                  cores_per_chip=2, device_kind="TPU v5", device_kinds=("TPU v5", "TPU v5p"),
+                  source="Cloud TPU v5p spec, 95 GiB"),
     "v4": Family("v4", "tpu", 32 * GiB, 275e12, 1.2e12, (8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096),
-                 cores_per_chip=2, device_kind="TPU v4", source="Cloud TPU v4 spec, 32 GiB"),
+                 cores_per_chip=2, device_kind="TPU v4", device_kinds=("TPU v4",), source="Cloud TPU v4 spec, 32 GiB"),
     "h100": Family("h100", "gpu", 81_559 << 20, 989e12, 3.35e12, (1, 2, 4, 8, 16, 32, 64, 128, 256),
-                   chips_per_host=8, device_kind="NVIDIA H100 80GB HBM3", source="nvidia-smi: 81559 MiB"),
+                   chips_per_host=8, device_kind="NVIDIA H100 80GB HBM3", device_kinds=("NVIDIA H100",),
+                   source="nvidia-smi: 81559 MiB"),
     "h200": Family("h200", "gpu", 143_771 << 20, 989e12, 4.8e12, (1, 2, 4, 8, 16, 32, 64, 128, 256),
-                   chips_per_host=8, device_kind="NVIDIA H200", source="nvidia-smi: 143771 MiB"),
+                   chips_per_host=8, device_kind="NVIDIA H200", device_kinds=("NVIDIA H200",),
+                   source="nvidia-smi: 143771 MiB"),
     "a100": Family("a100", "gpu", 81_920 << 20, 312e12, 2.0e12, (1, 2, 4, 8, 16, 32, 64, 128, 256),
-                   chips_per_host=8, device_kind="NVIDIA A100-SXM4-80GB", source="nvidia-smi: 81920 MiB"),
+                   chips_per_host=8, device_kind="NVIDIA A100-SXM4-80GB", device_kinds=("NVIDIA A100",),
+                   source="nvidia-smi: 81920 MiB"),
 }
+
+
+def family_of(device_kind: str) -> Family | None:
+    """The family of a runtime device (jax `device.device_kind`) by the longest matching prefix; None
+    for CPUs and chips not in the table."""
+    best = None
+    for fam in FAMILIES.values():
+        for prefix in fam.device_kinds:
+            if device_kind.startswith(prefix) and (best is None or len(prefix) > len(best[0])):
+                best = (prefix, fam)
+    return best[1] if best else None
+
+
+def peak_flops(device_kind: str) -> float | None:
+    """Dense bf16 peak FLOP/s per chip of a runtime device (None when unknown)."""
+    fam = family_of(device_kind)
+    return fam.peak_flops if fam else None
 
 
 def _tpu_shape(family: str, chips: int) -> tuple[int, ...]:
@@ -175,9 +207,6 @@ def parse(name: str) -> Topology:
 @functools.lru_cache(maxsize=None)
 def _tpu_devices(family: str, shape: tuple[int, ...], num_slices: int) -> tuple:
     # Compile-only use of libtpu next to other processes that may hold it (nothing here touches a chip).
-    from jax._src import hardware_utils
-    from jax.experimental import topologies
-
     if hardware_utils.num_available_tpu_chips_and_device_id()[0] == 0:
         # No TPU here: tell libtpu not to look for a TPU VM's metadata (it would log errors), and let it
         # load beside other processes that hold it for the same compile-only purpose.

@@ -2,20 +2,32 @@
 ahead-of-time TPU compile of the real training step (405B width, reduced depth) so the compiled path
 cannot silently break."""
 
+import functools
 import json
+import subprocess
+import sys
+import types
+from pathlib import Path
 
 import pytest
 
-from sharding import plan as plan_lib
+from planner import __main__ as cli
+from planner import plan as planning
+from planner.job import Job
+from planner.report import format_plan
 from sharding import topology
-from sharding.plan import Job
+
+ROOT = Path(__file__).resolve().parent.parent
+# the planner as its command line wires it: with train's and serve's programs
+plan = functools.partial(planning.plan, programs=cli.PROGRAMS)
+smallest = functools.partial(planning.smallest, programs=cli.PROGRAMS)
 
 GiB = 1 << 30
 B405_BF16 = 811_706_777_600  # llama31.md: 405B bf16 bytes
 
 
 def run_cli(capsys, *argv):
-    code = plan_lib.main(list(argv))
+    code = cli.main(list(argv))
     out = capsys.readouterr()
     return code, out.out, out.err
 
@@ -28,6 +40,30 @@ def test_topology_names():
     assert topology.parse("v6e:4x8").name == "v6e-32"
     assert topology.parse("h100x8").hbm_bytes > 79 * GiB
     assert topology.parse("h200x16").chips == 16
+
+
+def test_peak_flops_by_device_kind():
+    """One table (sharding/topology.py) for runtime chips: a v5p reports "TPU v5", a v5e "TPU v5 lite";
+    train's MFU divides by the same numbers."""
+    from train.metrics import peak_flops
+
+    v5p, v5e = topology.FAMILIES["v5p"].peak_flops, topology.FAMILIES["v5e"].peak_flops
+    assert v5p != v5e
+    assert topology.peak_flops("TPU v5") == topology.peak_flops("TPU v5p") == v5p
+    assert topology.peak_flops("TPU v5 lite") == topology.peak_flops("TPU v5e") == v5e
+    assert topology.peak_flops("TPU v6 lite") == topology.FAMILIES["v6e"].peak_flops
+    assert topology.peak_flops("NVIDIA H100 80GB HBM3") == topology.FAMILIES["h100"].peak_flops
+    assert topology.peak_flops("cpu") is None
+    assert peak_flops(types.SimpleNamespace(device_kind="TPU v5")) == v5p
+    assert peak_flops(types.SimpleNamespace(device_kind="TPU v5 lite")) == v5e
+
+
+def test_planner_and_old_command_print_the_same():
+    argv = ["--mode", "serve", "--quant", "int8", "--topology", "v6e-16", "--mesh", "fsdp=2,tensor=8"]
+    outs = [subprocess.run([sys.executable, "-m", name, *argv], cwd=ROOT, capture_output=True, text=True, timeout=300)
+            for name in ("planner", "sharding.plan")]
+    assert [o.returncode for o in outs] == [0, 0], outs[0].stderr[-2000:] + outs[1].stderr[-2000:]
+    assert "FITS (analytic)" in outs[0].stdout and outs[0].stdout == outs[1].stdout
 
 
 def test_unknown_topology_and_model_list_valid_names(capsys):
@@ -72,19 +108,19 @@ def test_json_fields_and_exact_weight_bytes(capsys):
 
 
 def test_quantized_and_training_categories():
-    int4 = plan_lib.plan(Job(mode="serve", quant="int4"), "v6e-16", "fsdp=2,tensor=8")
-    int8 = plan_lib.plan(Job(mode="serve", quant="int8"), "v6e-16", "fsdp=2,tensor=8")
+    int4 = plan(Job(mode="serve", quant="int4"), "v6e-16", "fsdp=2,tensor=8")
+    int8 = plan(Job(mode="serve", quant="int8"), "v6e-16", "fsdp=2,tensor=8")
     w4, w8 = int4["per_device"]["weights"] * 16, int8["per_device"]["weights"] * 16
     assert 205e9 < w4 < 220e9 and 400e9 < w8 < 420e9  # int4 packed two per byte, + scales; bf16 embeddings
-    full = plan_lib.plan(Job(mode="full"), "v6e-256", "fsdp=64,tensor=4")
+    full = plan(Job(mode="full"), "v6e-256", "fsdp=64,tensor=4")
     d = full["per_device"]
     assert d["gradients"] == d["weights"] and d["optimizer_state"] == 2 * d["weights"] and d["lora_params"] == 0
-    lora = plan_lib.plan(Job(mode="lora", lora_rank=16), "v6e-64", "fsdp=16,sequence=4")
+    lora = plan(Job(mode="lora", lora_rank=16), "v6e-64", "fsdp=16,sequence=4")
     d = lora["per_device"]
     assert 0 < d["lora_params"] < 0.02 * d["weights"] and d["optimizer_state"] == 2 * d["lora_params"]
     # saved activations: one [tokens, D] bf16 tensor per layer with remat=full
     assert d["activations"] == 126 * (16 // 16) * (4096 // 4) * 16384 * 2
-    dots = plan_lib.plan(Job(mode="lora", remat="dots"), "v6e-64", "fsdp=16,sequence=4")
+    dots = plan(Job(mode="lora", remat="dots"), "v6e-64", "fsdp=16,sequence=4")
     assert dots["per_device"]["activations"] > 3 * d["activations"]
 
 
@@ -99,11 +135,11 @@ def test_bad_job_input(capsys):
 
 
 def test_smallest_slices():
-    q = plan_lib.smallest(Job(mode="qlora", quant="int4"), "v6e", headroom=0.1)
+    q = smallest(Job(mode="qlora", quant="int4"), "v6e", headroom=0.1)
     assert q["topology"] == "v6e-16" and q["fits"]
-    full = plan_lib.smallest(Job(mode="full"), "v6e", headroom=0.1)
+    full = smallest(Job(mode="full"), "v6e", headroom=0.1)
     assert full["chips"] >= 128
-    gpu = plan_lib.smallest(Job(mode="serve", quant="int4"), "h100")
+    gpu = smallest(Job(mode="serve", quant="int4"), "h100")
     assert gpu["topology"] in ("h100x4", "h100x8") and gpu["fits"]
 
 
@@ -111,7 +147,7 @@ def test_hf_config_json_model(tmp_path):
     from model.network.config import PRESETS
 
     (tmp_path / "config.json").write_text(json.dumps(PRESETS["llama3.1-8b"].to_hf()))
-    r = plan_lib.plan(Job(model=str(tmp_path / "config.json"), mode="lora"), "h100x1", "fsdp=1", headroom=0.0)
+    r = plan(Job(model=str(tmp_path / "config.json"), mode="lora"), "h100x1", "fsdp=1", headroom=0.0)
     assert r["params"] == 8_030_261_248
 
 
@@ -123,7 +159,7 @@ def test_aot_tpu_compile_of_the_training_step():
     coarsest)."""
     pytest.importorskip("libtpu")
     job = Job(mode="lora", layers=1, seq=128, batch=1)
-    r = plan_lib.plan(job, "v6e-4", "tensor=4", compile=True)
+    r = plan(job, "v6e-4", "tensor=4", compile=True)
     c, d = r["compiled"], r["per_device"]
     state = d["weights"] + d["lora_params"] + d["optimizer_state"]
     assert abs(c["argument_bytes"] / state - 1) < 0.01, (c, d)
@@ -135,10 +171,10 @@ def test_compiler_refusal_is_a_compiled_does_not_fit():
     """A job too big for the slice: the TPU compiler refuses it (fast, before optimising), and the plan
     reports the compiler's figure and the shortfall."""
     pytest.importorskip("libtpu")
-    r = plan_lib.plan(Job(mode="full", layers=8), "v6e-8", "fsdp=8", compile=True)
+    r = plan(Job(mode="full", layers=8), "v6e-8", "fsdp=8", compile=True)
     assert r["fits"] is False and r["basis"] == "compiled" and "exceeds available HBM" in r["compiled"]["error"]
     assert r["short_by_bytes"] == r["compiled_per_device_bytes"] - r["capacity_bytes"] > 0
-    assert "DOES NOT FIT (compiled): needs" in plan_lib.format_plan(r)
+    assert "DOES NOT FIT (compiled): needs" in format_plan(r)
 
 
 def test_full_finetuning_keeps_the_optimizer_state_dtype_so_it_is_donated():
@@ -148,7 +184,7 @@ def test_full_finetuning_keeps_the_optimizer_state_dtype_so_it_is_donated():
 
     from model.network.config import LlamaConfig
     from sharding.mesh import make_mesh
-    from train.step import lower_step
+    from train.program import lower_step
 
     cfg = LlamaConfig.preset("toy", param_dtype="bfloat16", compute_dtype="bfloat16")
     lowered = lower_step(cfg, mesh=make_mesh("fsdp=8"), batch=8, seq=32)
@@ -159,21 +195,38 @@ def test_full_finetuning_keeps_the_optimizer_state_dtype_so_it_is_donated():
     assert ma.output_size_in_bytes - ma.alias_size_in_bytes < 1024  # all but the metrics and counters
 
 
+def test_planner_lowers_the_jobs_real_steps_at_the_jobs_shapes():
+    """Through the Programs the CLI hands the planner: train's step takes [accum, rows/accum, seq]
+    batches and donates its state; serve's engine step takes [batch, seq] prompt tokens."""
+    import jax
+
+    from planner.compile import lower_job
+    from sharding.mesh import make_mesh
+
+    mesh = make_mesh("fsdp=4,tensor=2")
+    train = lower_job(Job(model="toy", mode="lora", batch=8, seq=32, accum=2), mesh, cli.PROGRAMS)
+    state, _, batch = train.args_info[0]
+    assert {a.shape for a in batch.values()} == {(2, 4, 32)}
+    assert all(a.donated for a in jax.tree.leaves(state))
+    serve = lower_job(Job(model="toy", mode="serve", batch=4, seq=16, kv_len=64), mesh, cli.PROGRAMS)
+    assert (4, 16) in {a.shape for a in jax.tree.leaves(serve.args_info[0][2])}
+
+
 @pytest.mark.parametrize("name", ["lora_v6e", "qlora_v6e", "lora_8b_h100", "qlora_405b_h100x8"])
 def test_shipped_configs_plan_to_fit(name):
     """Each shipped hardware config names a valid topology and mesh, and its analytic plan fits with
     >= 10% headroom (the compiled check is `python -m train --config NAME --compile-only`)."""
-    from train.compile_check import job_for
+    from train.__main__ import job_for
     from train.config import load_config
 
     cfg = load_config(name)
-    r = plan_lib.plan(job_for(cfg), cfg.topology, cfg.mesh, headroom=0.10)
-    assert r["fits"], plan_lib.format_plan(r)
+    r = plan(job_for(cfg), cfg.topology, cfg.mesh, headroom=0.10)
+    assert r["fits"], format_plan(r)
     assert r["batch"] == cfg.data.batch_size and r["seq"] == cfg.data.seq_len
 
 
 def test_compile_only_on_local_devices_and_gpu_plan(capsys):
-    from train.compile_check import compile_only
+    from train.__main__ import compile_only
     from train.config import load_config
 
     cfg = load_config("toy_cpu", ["mesh=fsdp=4,tensor=2", "data.batch_size=8", "data.seq_len=64",

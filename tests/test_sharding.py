@@ -5,6 +5,7 @@ and axis named."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
@@ -152,8 +153,8 @@ def test_abstract_mesh_shard_shapes_without_devices():
 
 
 def test_create_and_restore_sharded(tmp_path):
-    import orbax.checkpoint as ocp
-
+    """Created straight into one mesh's shardings (jit out_shardings), restored by Orbax straight into
+    another's from the abstract arrays of sharding/rules.py."""
     mesh_a, mesh_b = mesh_lib.make_mesh("fsdp=8"), mesh_lib.make_mesh("fsdp=2,tensor=4")
     names = {"w": ("embed", "mlp"), "b": ("mlp",)}
     abstract = {"w": jax.ShapeDtypeStruct((64, 32), jnp.float32), "b": jax.ShapeDtypeStruct((32,), jnp.float32)}
@@ -161,12 +162,13 @@ def test_create_and_restore_sharded(tmp_path):
     def shardings(mesh):
         return {k: rules.named_sharding(names[k], mesh, abstract[k].shape) for k in names}
 
-    made = rules.create_sharded(lambda: {"w": jnp.arange(64 * 32, dtype=jnp.float32).reshape(64, 32),
-                                         "b": jnp.ones(32)}, shardings(mesh_a))
+    made = jax.jit(lambda: {"w": jnp.arange(64 * 32, dtype=jnp.float32).reshape(64, 32), "b": jnp.ones(32)},
+                   out_shardings=shardings(mesh_a))()
     assert made["w"].sharding.spec == P("fsdp", None)
     with ocp.StandardCheckpointer() as ck:
         ck.save(tmp_path / "ckpt", made)
-    back = rules.restore_sharded(tmp_path / "ckpt", abstract, shardings(mesh_b))
+    with ocp.StandardCheckpointer() as ck:
+        back = ck.restore(tmp_path / "ckpt", rules.abstract_arrays(abstract, shardings(mesh_b)))
     assert back["w"].sharding.spec == P("fsdp", "tensor")
     np.testing.assert_array_equal(np.asarray(back["w"]), np.asarray(made["w"]))
 

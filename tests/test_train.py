@@ -76,6 +76,8 @@ def test_resume_after_sigterm(tmp_path, straight_run):
     assert "received SIGTERM" in output and "rerun the same command to resume" in output
     stopped_at = max(losses(tmp_path))
     assert stopped_at < 20
+    saved = [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
+    assert stopped_at in saved  # saved at the step it stopped, not only at the last `every`
     subprocess.run(args, cwd=ROOT, env=env, check=True, capture_output=True, timeout=240)
     resumed = losses(tmp_path)
     assert [resumed[s] for s in range(1, 21)] == [straight_run[s] for s in range(1, 21)]

@@ -1,11 +1,49 @@
 """python -m train [--config NAME_OR_PATH] [--compile-only] [key=value ...]
 
 With no arguments: LoRA fine-tuning of the toy model on the bundled toy task, on this machine's CPU.
+
+`--compile-only` compiles the config's real training step (train/program.py) for its mesh and
+topology and says whether it fits, per chip: a TPU slice (v6e-16, …) is compiled ahead of time with
+libtpu on any machine; a GPU node (h100x8, …) when its GPUs are attached, else planned analytically;
+no topology: this machine's own devices. Exit status 0 only if it fits. The planner does the
+planning; this entry point hands it train's program (the one place train meets the planner).
 """
 
 import argparse
+import functools
 import logging
 import sys
+from pathlib import Path
+
+from model.job.startup import start_job
+from planner.check import compile_only as plan_compile_only
+from planner.job import Job, Programs
+from train.config import TrainConfig, load_config
+from train.data import DataError
+from train.loop import run
+from train.program import lower_step
+from train.step import model_flops_per_token
+
+
+def job_for(cfg: TrainConfig) -> Job:
+    """The planner's Job for a TrainConfig."""
+    spec = cfg.model
+    model = spec.preset
+    if spec.checkpoint:
+        p = Path(spec.checkpoint)
+        model = str(p / "config.json") if (p / "config.json").exists() else str(p)
+    quant = spec.quant or "bf16"
+    return Job(model=model, mode="qlora" if spec.quant else "lora", quant=quant, batch=cfg.data.batch_size,
+               seq=cfg.data.seq_len, lora_rank=cfg.lora.rank, lora_targets=tuple(cfg.lora.targets),
+               remat=spec.remat, accum=cfg.data.grad_accum, layers=spec.num_layers)
+
+
+def compile_only(cfg: TrainConfig, out=None) -> int:
+    """Compiles (or, for GPU nodes without their GPUs, plans) the config's step; prints FITS or DOES NOT
+    FIT with the per-chip numbers. Returns the exit status: 0 fits, 1 does not fit, 2 bad config."""
+    programs = Programs(lower_train=functools.partial(lower_step, optimizer_cfg=cfg.optimizer, total_steps=cfg.steps),
+                        train_flops=model_flops_per_token)
+    return plan_compile_only(job_for(cfg), cfg.topology, cfg.mesh, programs, out)
 
 
 def main(argv=None) -> int:
@@ -16,17 +54,11 @@ def main(argv=None) -> int:
                         help="compile the step for the config's mesh/topology, print per-chip memory, exit 0 if it fits")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. steps=50 lora.rank=8")
     args = parser.parse_args(argv)
-    from model.job.startup import start_job
-    from train.config import load_config
-
     cfg = start_job(load_config, args.config, args.overrides)
     if cfg is None:
         return 2
     if args.compile_only:
-        from train.compile_check import compile_only
         return compile_only(cfg)
-    from train.data import DataError
-    from train.loop import run
     try:
         result = run(cfg)
     except (DataError, FloatingPointError) as e:

@@ -1,8 +1,8 @@
-"""The training step: LoRA (only adapters differentiated and optimised) or full fine-tuning.
+"""The training step's parts: LoRA (only adapters differentiated and optimised) or full fine-tuning.
 
-`make_step` returns a jitted step that donates its state; `lower_step` lowers the same step from
-abstract shapes for any mesh (a TPU topology compiled ahead of time included), which is what
-`--compile-only` and `python -m sharding.plan --compile` compile.
+The optimizer and its schedule, the trainable/frozen split, the loss, the step and eval functions,
+the train state and its shardings. train/program.py puts them together once (TrainProgram): the
+jitted donating step the loop runs, and the same step lowered from abstract shapes for any mesh.
 """
 
 from __future__ import annotations
@@ -16,8 +16,7 @@ from jax.sharding import PartitionSpec as P
 
 from model.network import lora
 from model.network.config import LlamaConfig
-from model.network.model import abstract_model, state_shardings
-from sharding.rules import abstract_arrays, named_sharding, use_mesh
+from sharding.rules import named_sharding, use_mesh
 from train.config import OptimizerConfig
 
 BATCH_KEYS = ("inputs", "targets", "weights", "segments", "positions")
@@ -59,8 +58,7 @@ def loss_and_count(graphdef, trainable, frozen, batch, key):
     return (ce * w).sum(), w.sum()
 
 
-def make_step_fn(graphdef, cfg: LlamaConfig, tx: optax.GradientTransformation, mesh: Mesh, accum: int,
-                 dropout: bool):
+def make_step_fn(graphdef, tx: optax.GradientTransformation, mesh: Mesh, accum: int, dropout: bool):
     """step(train_state, frozen, batch) -> (train_state, metrics). With accum > 1 the batch arrays
     are [accum, rows, T] and gradients are summed over micro-batches before one update."""
     grad_fn = jax.value_and_grad(loss_and_count, argnums=1, has_aux=True)
@@ -113,25 +111,6 @@ def train_state_shardings(tx, abstract_state: dict, params_sharding, mesh: Mesh)
     opt = optax.tree_map_params(tx, lambda _, s: s, abstract_state["opt"], like_params,
                                 transform_non_params=lambda _: replicated)
     return {"params": like_params, "opt": opt, "step": replicated, "rng": replicated}
-
-
-def lower_step(cfg: LlamaConfig, *, mesh: Mesh, batch: int, seq: int, optimizer_cfg: OptimizerConfig | None = None,
-               accum: int = 1) -> jax.stages.Lowered:
-    """Lowers the real training step for `mesh` from abstract shapes only (no weights anywhere)."""
-    tx, _ = optimizer(optimizer_cfg or OptimizerConfig(), 1000)
-    graphdef, abstract = abstract_model(cfg)
-    trainable, frozen = split_trainable(cfg, abstract)
-    t_sh, f_sh = state_shardings(trainable, mesh), state_shardings(frozen, mesh)
-    abstract_state = jax.eval_shape(lambda p: init_train_state(p, tx, 0), trainable)
-    s_sh = train_state_shardings(tx, abstract_state, t_sh, mesh)
-    b_sh = batch_shardings(mesh, batch, seq, accum)
-    shape = (batch, seq) if accum == 1 else (accum, batch // accum, seq)
-    dtypes = dict(inputs=jnp.int32, targets=jnp.int32, weights=jnp.float32, segments=jnp.int32, positions=jnp.int32)
-    batch_abs = {k: jax.ShapeDtypeStruct(shape, dtypes[k], sharding=b_sh[k]) for k in BATCH_KEYS}
-
-    step = make_step_fn(graphdef, cfg, tx, mesh, accum, dropout=cfg.lora is not None and cfg.lora.dropout > 0)
-    jitted = jax.jit(step, donate_argnums=0, out_shardings=(s_sh, None))
-    return jitted.lower(abstract_arrays(abstract_state, s_sh), abstract_arrays(frozen, f_sh), batch_abs)
 
 
 def model_flops_per_token(cfg: LlamaConfig, seq: int, lora_only: bool) -> float:

@@ -10,7 +10,9 @@ from model.job.settings import ConfigError
 
 
 def setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    # force: importing Orbax runs absl's logging set-up, which would make basicConfig a no-op
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+                        force=True)
     logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax narrates every file it writes at INFO
 
 
