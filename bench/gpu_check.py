@@ -29,7 +29,6 @@ from serve.weights import build  # noqa: E402
 from sharding import topology  # noqa: E402
 from sharding.mesh import single_device_mesh  # noqa: E402
 from train.program import StepShape, TrainProgram  # noqa: E402
-from train.step import model_flops_per_token  # noqa: E402
 
 
 def emit(**kw):
@@ -120,7 +119,7 @@ def train_check(preset, T, remat):
     dt = float(np.median(times))
     kind = jax.devices()[0].device_kind
     peak = topology.peak_flops(kind)  # the one table (sharding/topology.py), by device_kind
-    flops = model_flops_per_token(cfg, T, lora_only=True) * B * T
+    flops = cfg.train_flops_per_token(T, lora_only=True) * B * T
     stats = jax.devices()[0].memory_stats() or {}
     emit(check="lora_train_8b", device=kind, batch=B, seq=T, remat=remat, step_s=round(dt, 3),
          tokens_per_s=round(B * T / dt, 1), mfu=round(flops / dt / peak, 3) if peak else None,

@@ -27,7 +27,6 @@ from model.network.lora import LoraConfig  # noqa: E402
 from sharding.mesh import single_device_mesh  # noqa: E402
 from train.config import OptimizerConfig  # noqa: E402
 from train.program import StepShape, TrainProgram  # noqa: E402
-from train.step import model_flops_per_token  # noqa: E402
 
 SHAPE = dict(vocab_size=32768, dim=1024, num_layers=8, num_heads=16, num_kv_heads=4, head_dim=64, mlp_dim=3584)
 B, T, R = 4, 512, 16
@@ -110,7 +109,7 @@ def main():
     ap.add_argument("--remat", default="none")
     args = ap.parse_args()
     cfg = model.LlamaConfig(**SHAPE)
-    flops_tok = model_flops_per_token(cfg, T, lora_only=True)
+    flops_tok = cfg.train_flops_per_token(T, lora_only=True)
     rate = matmul_rate()
     print(json.dumps({"bench": "cpu_matmul_2048", "gflop_s": round(rate / 1e9, 1)}), flush=True)
     results = {}

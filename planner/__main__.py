@@ -37,10 +37,9 @@ from planner.plan import plan, smallest
 from planner.report import format_plan
 from serve.compile_check import lower_step as lower_serve
 from train.program import lower_step as lower_train
-from train.step import model_flops_per_token
 
 # The entry point is where the planner meets the jobs it plans: their real steps, lowered.
-PROGRAMS = Programs(lower_train=lower_train, train_flops=model_flops_per_token, lower_serve=lower_serve)
+PROGRAMS = Programs(lower_train=lower_train, lower_serve=lower_serve)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -90,7 +90,5 @@ class Programs:
 
     # (mcfg, mesh, *, batch, seq, accum) -> the training step lowered from abstract shapes
     lower_train: Callable[..., jax.stages.Lowered]
-    # (mcfg, seq, lora_only) -> model FLOPs per trained token
-    train_flops: Callable[[LlamaConfig, int, bool], float]
     # serve.compile_check.lower_step: (mcfg, mesh, *, batch, tokens, slots, max_len, kv_len, kv_dtype, rules)
     lower_serve: Callable[..., jax.stages.Lowered] | None = None

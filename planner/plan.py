@@ -92,7 +92,7 @@ def plan(job: Job, topology: str, mesh_spec: str | None = None, compile: bool = 
     _verdict(result, headroom)
     if job.training:
         tokens = batch * job.seq
-        result["model_flops_per_chip"] = programs.train_flops(cfg, job.seq, job.mode != "full") * tokens / topo.chips
+        result["model_flops_per_chip"] = cfg.train_flops_per_token(job.seq, job.mode != "full") * tokens / topo.chips
     return result
 
 

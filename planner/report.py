@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from planner.estimate import CATEGORIES, GiB, LABELS
+from planner.estimate import CATEGORIES, LABELS, GiB
 
 # the fields of the one-line `PLAN {...}` summary a job's --compile-only prints after the table
 SUMMARY_FIELDS = ("topology", "mesh", "per_device_bytes", "compiled_per_device_bytes", "capacity_bytes", "fits",

@@ -22,7 +22,6 @@ from train.config import TrainConfig, load_config
 from train.data import DataError
 from train.loop import run
 from train.program import lower_step
-from train.step import model_flops_per_token
 
 
 def job_for(cfg: TrainConfig) -> Job:
@@ -41,8 +40,7 @@ def job_for(cfg: TrainConfig) -> Job:
 def compile_only(cfg: TrainConfig, out=None) -> int:
     """Compiles (or, for GPU nodes without their GPUs, plans) the config's step; prints FITS or DOES NOT
     FIT with the per-chip numbers. Returns the exit status: 0 fits, 1 does not fit, 2 bad config."""
-    programs = Programs(lower_train=functools.partial(lower_step, optimizer_cfg=cfg.optimizer, total_steps=cfg.steps),
-                        train_flops=model_flops_per_token)
+    programs = Programs(lower_train=functools.partial(lower_step, optimizer_cfg=cfg.optimizer, total_steps=cfg.steps))
     return plan_compile_only(job_for(cfg), cfg.topology, cfg.mesh, programs, out)
 
 

@@ -29,7 +29,6 @@ from train.step import (
     eval_fn,
     init_train_state,
     make_step_fn,
-    model_flops_per_token,
     optimizer,
     split_trainable,
     train_state_shardings,
@@ -113,7 +112,7 @@ class TrainProgram:
 
     def flops_per_token(self) -> float:
         """Model FLOPs per trained token (for MFU)."""
-        return model_flops_per_token(self.config, self.shape.seq, lora_only=self.config.lora is not None)
+        return self.config.train_flops_per_token(self.shape.seq, lora_only=self.config.lora is not None)
 
     def lower(self) -> jax.stages.Lowered:
         """The step lowered from abstract shapes for this program's mesh."""

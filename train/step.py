@@ -111,14 +111,3 @@ def train_state_shardings(tx, abstract_state: dict, params_sharding, mesh: Mesh)
     opt = optax.tree_map_params(tx, lambda _, s: s, abstract_state["opt"], like_params,
                                 transform_non_params=lambda _: replicated)
     return {"params": like_params, "opt": opt, "step": replicated, "rng": replicated}
-
-
-def model_flops_per_token(cfg: LlamaConfig, seq: int, lora_only: bool) -> float:
-    """Matmul FLOPs per trained token: forward 2N, activation gradients 2N, weight gradients 2N
-    (only for trained weights: skipped for a frozen LoRA base); attention scores causal over `seq`."""
-    D, L = cfg.dim, cfg.num_layers
-    dense = cfg.num_params() - cfg.vocab_size * D * (0 if cfg.tie_embeddings else 1) - (2 * L + 1) * D
-    attn = 2 * 2 * L * cfg.num_heads * cfg.head_dim * seq / 2  # QK^T and PV, causal half
-    fwd = 2 * dense + attn
-    return fwd * (2 if lora_only else 3)
-

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 
 from model.network.quant import parse as parse_quant
 
+
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
     """llama3 frequency scaling (transformers `_compute_llama3_parameters`)."""
@@ -70,6 +71,15 @@ class LlamaConfig:
         per_layer = D * NH * 2 + D * KH * 2 + 3 * D * F + 2 * D
         embeddings = V * D * (1 if self.tie_embeddings else 2)
         return self.num_layers * per_layer + embeddings + D
+
+    def train_flops_per_token(self, seq: int, lora_only: bool) -> float:
+        """Matmul FLOPs per trained token: forward 2N, activation gradients 2N, weight gradients 2N
+        (only for trained weights: skipped for a frozen LoRA base); attention scores causal over `seq`."""
+        D, L = self.dim, self.num_layers
+        dense = self.num_params() - self.vocab_size * D * (0 if self.tie_embeddings else 1) - (2 * L + 1) * D
+        attn = 2 * 2 * L * self.num_heads * self.head_dim * seq / 2  # QK^T and PV, causal half
+        fwd = 2 * dense + attn
+        return fwd * (2 if lora_only else 3)
 
     @classmethod
     def preset(cls, name: str, **overrides) -> LlamaConfig:
