@@ -37,8 +37,8 @@ from flax import nnx  # noqa: E402
 import model  # noqa: E402
 from model import LlamaConfig  # noqa: E402
 from model.formats.tokenizer import ByteTokenizer  # noqa: E402
-from model.network.backends import cpu_kernels  # noqa: E402
 from model.network import model as model_weights
+from model.network.backends import cpu_kernels  # noqa: E402
 from model.network.quant import QuantConfig  # noqa: E402
 
 QUANTS = {
@@ -68,7 +68,7 @@ def serving_forward(graphdef, state, cfg):
     per-layer weights packed for model/cpu_gemv.cc, whose integer kernels quantize activations to int8,
     and attention by model/cpu_attention.cc over a KV cache."""
     from model.network import kv_cache
-    from serve.engine import pack_for_cpu, unstack
+    from serve.layout import pack_for_cpu, unstack
 
     weights = pack_for_cpu(graphdef, *unstack(state))
     kv_dtype = kv_cache.resolve_dtype("auto", cfg)

@@ -39,22 +39,23 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     generate = bool(argv) and argv[0] == "generate"
     args = _parser(generate).parse_args(argv[1:] if generate else argv)
+    # imported after parsing, so that --help and usage errors answer without loading JAX
+    import jax
+
     from model.job.startup import start_job
+    from serve.compile_check import compile_only
     from serve.config import load_config
+    from serve.engine import Engine
+    from serve.sampling import SamplingParams
+    from serve.server import run_server
+    from serve.weights import build
+    from sharding.mesh import make_mesh
 
     cfg = start_job(load_config, args.config, args.overrides)
     if cfg is None:
         return 2
     if not generate and args.compile_only:
-        from serve.compile_check import compile_only
         return compile_only(cfg)
-
-    import jax
-
-    from serve.engine import Engine
-    from serve.sampling import SamplingParams
-    from serve.weights import build
-    from sharding.mesh import make_mesh
 
     try:
         devices = jax.devices()[:cfg.devices] if cfg.devices else jax.devices()
@@ -89,7 +90,6 @@ def main(argv=None) -> int:
                  r["completion_tokens"], dt, r["finish_reason"], r.get("ttft", float("nan")))
         return 0 if r["finish_reason"] != "error" else 1
 
-    from serve.server import run_server
     log.info("serving %s on http://%s:%d/v1", name, cfg.server.host, cfg.server.port)
     run_server(engine, tokenizer, name, cfg.server)
     return 0

@@ -4,7 +4,7 @@ the config's topology and mesh, print per-chip memory, and say whether it fits.
 `topology` names the hardware: a TPU slice (v6e-8, v6e-16, …) is compiled ahead of time with libtpu
 on this machine (no TPU needed; sharding/topology.py gives its devices); a GPU node (h100x8, …) is
 compiled when its GPUs are attached, else planned from exact shard sizes (weights via
-model.network.model.weight_bytes, the KV cache via model/kv_cache.py) with no compiler numbers; unset: this
+model.network.model.weight_bytes, the KV cache via model/network/kv_cache.py) with no compiler numbers; unset: this
 machine's own devices. Nothing is allocated: weights and cache are abstract shapes with their
 shardings. Exit status: 0 fits, 1 does not fit, 2 bad config.
 """
@@ -18,12 +18,18 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 
 from model.job import resolve
 from model.network import kv_cache
 from model.network import model as model_weights
+from model.network import quant as quant_lib
 from model.network.config import LlamaConfig
+from model.network.model import abstract_model, state_shardings
+from serve.scheduler import bucket
+from serve.step import Batch, Program, StepShape, step_fn
+from sharding import topology as topo_lib
+from sharding.mesh import AXES, axis_sizes, make_mesh
+from sharding.rules import SERVE_RULES, abstract_arrays, shard_shape
 
 log = logging.getLogger("serve")
 GiB = 1 << 30
@@ -36,31 +42,20 @@ def model_config(cfg) -> LlamaConfig:
 
 def lower_step(mcfg: LlamaConfig, mesh, *, batch: int, tokens: int, slots: int, max_len: int, kv_len: int,
                kv_dtype: str, rules=None, num_top: int = 0) -> jax.stages.Lowered:
-    """Lowers the engine's step (serve/engine.py `step_fn`) from abstract shapes: `batch` rows of
+    """Lowers the engine's step (serve/step.py `step_fn`) from abstract shapes: `batch` rows of
     `tokens` new tokens attending over `kv_len` positions of a [slots, max_len] cache."""
-    from model.network.model import abstract_model, state_shardings
-    from serve.engine import step_fn
-    from sharding.rules import SERVE_RULES, abstract_arrays
-
     rules = SERVE_RULES if rules is None else rules
     graphdef, abstract = abstract_model(mcfg)
     params = (abstract_arrays(abstract, state_shardings(abstract, mesh, rules)), None)  # the scan layout
     abs_cache = kv_cache.abstract(mcfg, slots, max_len, kv_cache.resolve_dtype(kv_dtype, mcfg))
-    cache = abstract_arrays(abs_cache, kv_cache.shardings(abs_cache, mesh, rules))
-    i32, f32 = jnp.int32, jnp.float32
+    cache_shardings = kv_cache.shardings(abs_cache, mesh, rules)
+    program, shape = Program(graphdef, mesh, rules), StepShape(kv_len, num_top)
 
-    def s(shape, dtype):
-        return jax.ShapeDtypeStruct(shape, dtype)
+    def fn(weights, cache, batch):
+        return step_fn(program, weights, cache, batch, shape)
 
-    B, T = batch, tokens
-    args = (params, cache, s((B, T), i32), s((B, T), i32), s((B, T), i32), s((B,), i32), s((B,), i32),
-            s((B,), f32), s((B,), i32), s((B,), f32), s((B,), jnp.uint32), s((B,), i32))
-
-    def fn(state, cache, *rest):
-        return step_fn(graphdef, mesh, rules, state, cache, *rest, kv_len, num_top)
-
-    out_sh = (None, None, None, None, kv_cache.shardings(abs_cache, mesh, rules))
-    return jax.jit(fn, donate_argnums=1, out_shardings=out_sh).lower(*args)
+    return jax.jit(fn, donate_argnums=1, out_shardings=(None, cache_shardings)).lower(
+        params, abstract_arrays(abs_cache, cache_shardings), Batch.abstract(batch, tokens))
 
 
 def _memory(compiled) -> dict:
@@ -74,10 +69,6 @@ def _memory(compiled) -> dict:
 
 def analytic(mcfg: LlamaConfig, mesh_sizes: dict, slots: int, max_len: int, kv_dtype: str, rules=None) -> dict:
     """Exact per-chip bytes of the weights and the KV cache (largest shard), no compiler."""
-    from model.network import quant as quant_lib
-    from sharding.mesh import AXES
-    from sharding.rules import SERVE_RULES, shard_shape
-
     rules = SERVE_RULES if rules is None else rules
     amesh = jax.sharding.AbstractMesh(tuple(mesh_sizes[a] for a in AXES), AXES)
     weights = sum(model_weights.weight_bytes(mcfg, amesh, rules).values())
@@ -93,10 +84,6 @@ def analytic(mcfg: LlamaConfig, mesh_sizes: dict, slots: int, max_len: int, kv_d
 
 
 def compile_only(cfg, out=sys.stdout) -> int:
-    from serve.engine import bucket
-    from sharding import topology as topo_lib
-    from sharding.mesh import AXES, axis_sizes, make_mesh
-
     e = cfg.engine
     try:
         mcfg = model_config(cfg)

@@ -40,7 +40,7 @@ class EngineConfig:
     layout: str = "auto"  # scan (stacked layers) | unrolled (per-layer weights) | auto: unrolled on one CPU
     decode_steps: int = 0  # tokens per decode call while no prompt waits; 0 = auto: 4 on one CPU device, else 1
     # (spreads the host's per-call cost; unrolled, so the decode step's compile time grows with it)
-    cpu_kernels: bool = True  # one CPU device: products and cache attention with model/cpu_*.cc
+    cpu_kernels: bool = True  # one CPU device: products and cache attention with model/network/backends/cpu_*.cc
 
     def __post_init__(self):
         for name in ("max_slots", "max_len", "prefill_chunk", "prefill_tokens", "min_kv_bucket"):

@@ -90,9 +90,34 @@ def first_argmax(x_BV):
     return jnp.minimum(first, V - 1).astype(jnp.int32)  # NaN rows: the last index rather than out of range
 
 
-def host_arrays(params: list[SamplingParams | None], seeds: list[int], counters: list[int]):
-    """Per-row numpy arrays for `sample` (None rows are padding: greedy)."""
-    t = np.array([p.temperature if p else 0.0 for p in params], np.float32)
-    k = np.array([p.top_k if p else 0 for p in params], np.int32)
-    tp = np.array([p.top_p if p else 1.0 for p in params], np.float32)
-    return t, k, tp, np.asarray(seeds, np.uint32), np.asarray(counters, np.int32)
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SamplingRows:
+    """The sampling settings of a batch's rows, [B] each: what `sample` takes (host arrays in, device arrays
+    inside the step)."""
+
+    temperature: jax.Array  # float32; 0 = greedy
+    top_k: jax.Array  # int32; 0 = no top-k
+    top_p: jax.Array  # float32
+    seed: jax.Array  # uint32
+    counter: jax.Array  # int32: tokens the request has generated (the key is fold_in(key(seed), counter))
+
+    @classmethod
+    def host(cls, params: list[SamplingParams | None], seeds: list[int], counters: list[int]) -> SamplingRows:
+        """Per-row numpy arrays (None rows are padding: greedy)."""
+        t = np.array([p.temperature if p else 0.0 for p in params], np.float32)
+        k = np.array([p.top_k if p else 0 for p in params], np.int32)
+        tp = np.array([p.top_p if p else 1.0 for p in params], np.float32)
+        return cls(t, k, tp, np.asarray(seeds, np.uint32), np.asarray(counters, np.int32))
+
+    @classmethod
+    def abstract(cls, B: int) -> SamplingRows:
+        f32, i32 = jnp.float32, jnp.int32
+        return cls(*(jax.ShapeDtypeStruct((B,), d) for d in (f32, i32, f32, jnp.uint32, i32)))
+
+    def sample(self, logits_BV, num_top: int = 0):
+        return sample(logits_BV, self.temperature, self.top_k, self.top_p, self.seed, self.counter, num_top)
+
+    def next(self) -> SamplingRows:
+        """The rows one token later."""
+        return dataclasses.replace(self, counter=self.counter + 1)

@@ -112,6 +112,19 @@ def test_streaming_matches_non_streaming(client):
     assert chunks[-1].usage.completion_tokens == 12 and not chunks[-1].choices
 
 
+def test_raw_sse_framing(server):
+    """What SSE clients that do not use the openai package rely on: every event is one `data: …` line and a
+    blank line, and both endpoints end the stream with `data: [DONE]`."""
+    kw = dict(model="toy", max_tokens=3, stream=True, ignore_eos=True)
+    for path, body in (("/v1/completions", dict(prompt="x", **kw)),
+                       ("/v1/chat/completions", dict(messages=[{"role": "user", "content": "x"}], **kw))):
+        r = _post(server[0] + path, body)
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = r.text.split("\n\n")
+        assert events[-1] == "" and events[-2] == "data: [DONE]", r.text[-200:]
+        assert all(e.startswith("data: {") for e in events[:-2]) and len(events) >= 3
+
+
 def test_64_concurrent_streams_memory_flat(server):
     proc = psutil.Process(server[1].pid)
 

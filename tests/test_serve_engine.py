@@ -3,15 +3,17 @@ requests of different lengths decoded together; continuous batching, chunked pre
 stops, sampling, log-probs, int8 KV cache, quantized weights and LoRA adapters (PEFT as the oracle)."""
 
 import jax
-from flax import nnx
 import numpy as np
 import pytest
+from flax import nnx
 
 import model
 from model.formats.tokenizer import ByteTokenizer
 from serve.config import EngineConfig, ModelSpec
-from serve.engine import Engine, TextStream, bucket, buckets
+from serve.engine import Engine
+from serve.events import TextStream
 from serve.sampling import SamplingParams, sample
+from serve.scheduler import bucket, buckets
 from sharding.mesh import make_mesh
 from tests import hf_reference
 
@@ -119,12 +121,12 @@ def test_chunked_prefill_keeps_decoding(engine):
 def test_compiles_once_per_bucket(engine):
     engine.generate(prompts([2, 30, 50], seed=4), GREEDY)
     seen = set(engine.compiled_shapes)
-    assert engine._step._cache_size() == len(seen)  # one executable per bucket, none per request
+    assert engine.device_step.jitted._cache_size() == len(seen)  # one executable per bucket, none per request
     kvs = set(buckets(CFG.min_kv_bucket, CFG.max_len))
     for B, T, kv, _, steps in seen:
         assert B in buckets(1, CFG.max_slots) and T in (1, 16) and kv in kvs and steps in (1, engine.decode_steps)
     engine.generate(prompts([4, 31, 49], seed=5), GREEDY)  # new requests, same buckets
-    assert engine.compiled_shapes == seen and engine._step._cache_size() == len(seen)
+    assert engine.compiled_shapes == seen and engine.device_step.jitted._cache_size() == len(seen)
 
 
 def test_buckets():
@@ -241,8 +243,8 @@ def test_quantized_weights(hf, hf_checkpoint, one_device, dtype, quant, wide):
     """The engine over int8/int4/bf16 weights gives the tokens of the same model run without a cache (XLA's
     dot). On one CPU device the engine runs unrolled layers with model/cpu_gemv.cc (`wide`: dims that the
     integer kernels take; otherwise those layers stay with XLA) and a 16-bit cache as bits."""
-    from model.network import cpu_kernels
-    from model.network.layers import Dense
+    from model.network.backends import cpu_kernels
+    from model.network.dense import Dense
 
     path = hf_checkpoint(dim=128, mlp=256, heads=4, kv_heads=2, head_dim=32)[0] if wide else hf[0]
     m = model.load(path, dtype=dtype, quant=quant, mesh=one_device)
@@ -314,7 +316,8 @@ def test_lora_adapter_from_project_checkpoint(hf, one_device, tmp_path):
 
     from model.formats import checkpoint as ckpt
     from model.network.lora import LoraConfig
-    from serve.weights import build, set_adapters
+    from model.job.adapters import set_adapters
+    from serve.weights import build
 
     lc = LoraConfig(rank=4, alpha=8.0)
     m = model.load(hf[0], dtype="float32", mesh=one_device, lora=lc)
@@ -348,7 +351,7 @@ def test_cancel_frees_the_slot(engine):
         engine.cancel(ids[i])
     engine.step()
     assert engine.active == 0 and engine.pending == 0
-    assert not engine._requests  # nothing left behind
+    assert not engine.scheduler.requests  # nothing left behind
 
 
 def test_compile_only_local(capsys):
@@ -366,7 +369,8 @@ def test_cpu_gemv_kernels(fmt):
     """model/cpu_gemv.cc against numpy: float kernels on the same weights; integer kernels against the
     arithmetic they implement (activations quantized per block of 128 inputs, exact integer sums),
     several products in one call, row counts across the 4-row tiles and the L2 chunking of x."""
-    from model.network import cpu_kernels, quant
+    from model.network import quant
+    from model.network.backends import cpu_kernels
 
     if not cpu_kernels.available():
         pytest.skip("no C++ compiler: the engine uses XLA's dot instead")
@@ -408,7 +412,8 @@ def test_cpu_attention_kernel(dtype, H):
     """model/cpu_attention.cc against the XLA path it replaces (kv_cache.LayerCache.update + attend): rows
     in different slots, several new tokens with padding, GQA, a cache in float32 or bfloat16 bits; head
     dims 64 and 128 take the AVX-512 path where there is one, 32 the portable one."""
-    from model.network import cpu_kernels, kv_cache
+    from model.network import kv_cache
+    from model.network.backends import cpu_kernels
 
     if not cpu_kernels.available():
         pytest.skip("no C++ compiler: the engine uses XLA's ops instead")

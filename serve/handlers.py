@@ -1,0 +1,195 @@
+"""The endpoints behind the routes of serve/server.py, given bodies already authorized and validated by type
+(serve/schemas.py): the checks of values against this server's model and limits, then the request's jobs
+(one per choice) answered through one path (`respond`): streamed or collected."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import uuid
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+
+from serve import streaming
+from serve.config import ServerConfig
+from serve.engine import Engine
+from serve.responses import ChatShape, CompletionShape
+from serve.sampling import MAX_TOP_LOGPROBS, SamplingParams
+from serve.schemas import APIError, ChatRequest, CompletionRequest, GenerationRequest
+
+
+def _need(cond: bool, message: str, param: str):
+    if not cond:
+        raise APIError(400, message, param=param, code="invalid_value")
+
+
+def per_choice(sp: SamplingParams, n: int) -> list[SamplingParams]:
+    """n choices of one prompt: with a seed, choice j samples with seed + j (distinct, reproducible)."""
+    if sp.seed is None or n == 1:
+        return [sp] * n
+    return [dataclasses.replace(sp, seed=sp.seed + j) for j in range(n)]
+
+
+def completion_prompts(body: CompletionRequest) -> list:
+    """`prompt` as a list of prompts (texts or token-id lists)."""
+    for name, ok in (("echo", not body.echo), ("best_of", body.best_of in (None, 1)), ("suffix", not body.suffix)):
+        if not ok:
+            raise APIError(400, f"'{name}' is not supported by this server.", param=name, code="unsupported")
+    p = body.prompt
+    if isinstance(p, str):
+        prompts = [p]
+    elif p and all(isinstance(x, int) for x in p):
+        prompts = [list(p)]
+    else:
+        prompts = list(p)
+    if not prompts:
+        raise APIError(400, "'prompt' is empty.", param="prompt", code="invalid_value")
+    return prompts
+
+
+def chat_messages(body: ChatRequest) -> list[dict]:
+    """The messages as the tokenizer's chat template takes them ({"role", "content"} with text content)."""
+    if body.tools:
+        raise APIError(400, "'tools' are not supported by this server.", param="tools", code="unsupported")
+    if not body.messages:
+        raise APIError(400, "'messages' must hold at least one message.", param="messages", code="invalid_value")
+    messages = []
+    for m in body.messages:
+        content = m.content if isinstance(m.content, str) else "".join(p.text for p in (m.content or []))
+        messages.append({"role": "system" if m.role == "developer" else m.role, "content": content})
+    return messages
+
+
+class API:
+    """The endpoints of one served model."""
+
+    def __init__(self, engine: Engine, tokenizer, model_name: str, cfg: ServerConfig):
+        self.engine, self.tokenizer, self.model_name, self.cfg = engine, tokenizer, model_name, cfg
+        self.max_len = engine.cfg.max_len
+        self.max_prompt = min(cfg.max_prompt_tokens or self.max_len - 1, self.max_len - 1)
+        self.max_new = min(cfg.max_tokens or self.max_len - 1, self.max_len - 1)
+        self.started = int(time.time())
+
+    # ------------------------------------------------------------------------------------------
+    # the endpoints
+
+    def health(self) -> dict:
+        e = self.engine
+        return {"status": "ok", "model": self.model_name, "active": e.active, "waiting": e.pending,
+                "compiled_steps": len(e.compiled_shapes)}
+
+    def models(self) -> dict:
+        return {"object": "list", "data": [self._model_card()]}
+
+    def model(self, model_id: str) -> dict:
+        self.check_model(model_id)
+        return self._model_card()
+
+    async def completions(self, request: Request, body: CompletionRequest):
+        self.check_model(body.model)
+        prompts = completion_prompts(body)
+        ids = [self.tokenizer.encode(x, bos=True) if isinstance(x, str) else list(x) for x in prompts]
+        if body.logprobs is not None and not 0 <= body.logprobs <= MAX_TOP_LOGPROBS:
+            raise APIError(400, f"'logprobs' must be in [0, {MAX_TOP_LOGPROBS}], got {body.logprobs}.",
+                           param="logprobs", code="invalid_value")
+        for x in ids:
+            self.check_prompt(x, "prompt")
+        n = self.choices_count(body.n, len(ids))
+        max_tokens = body.max_tokens if body.max_tokens is not None else 16  # OpenAI's default for completions
+        jobs = []
+        for x in ids:
+            sp = self.sampling_params(body, max_tokens, len(x), body.logprobs, "max_tokens")
+            jobs += [(x, s) for s in per_choice(sp, n)]
+        shape = CompletionShape(f"cmpl-{uuid.uuid4().hex}", int(time.time()), self.model_name, body.logprobs,
+                                len(jobs))
+        return await self.respond(request, body, jobs, shape, sum(len(x) for x in ids))
+
+    async def chat(self, request: Request, body: ChatRequest):
+        self.check_model(body.model)
+        ids = self.tokenizer.encode_chat(chat_messages(body))
+        self.check_prompt(ids, "messages")
+        top = None
+        if body.logprobs:
+            top = body.top_logprobs or 0
+            _need(0 <= top <= MAX_TOP_LOGPROBS, f"'top_logprobs' must be in [0, {MAX_TOP_LOGPROBS}], got {top}.",
+                  "top_logprobs")
+        else:
+            _need(not body.top_logprobs, "'top_logprobs' needs 'logprobs': true.", "top_logprobs")
+        n = self.choices_count(body.n, 1)
+        limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+        sp = self.sampling_params(body, limit, len(ids), top, param)
+        jobs = [(ids, s) for s in per_choice(sp, n)]
+        shape = ChatShape(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), self.model_name, bool(body.logprobs), n)
+        return await self.respond(request, body, jobs, shape, len(ids) * n)
+
+    async def respond(self, request: Request, body: GenerationRequest, jobs: list[streaming.Job], shape,
+                      prompt_tokens: int):
+        """The one answer path of the generation endpoints: server-sent events, or one body at the end."""
+        events = streaming.submit(self.engine, request, jobs, self.cfg.max_queue)
+        if body.stream:
+            return streaming.event_stream(streaming.sse_stream(events, shape, prompt_tokens, body.include_usage))
+        done = await streaming.collect(events, len(jobs))
+        if done is None:
+            return JSONResponse({}, status_code=499)  # the client is gone; nobody reads this
+        return shape.body(done, prompt_tokens)
+
+    # ------------------------------------------------------------------------------------------
+    # checks of values (types were checked by the schemas)
+
+    def check_model(self, name: str):
+        if name != self.model_name:
+            raise APIError(404, f"The model '{name}' does not exist; this server serves '{self.model_name}'.",
+                           param="model", code="model_not_found")
+
+    def check_prompt(self, ids: list[int], param: str):
+        if not ids:
+            raise APIError(400, "The prompt is empty.", param=param, code="invalid_value")
+        if len(ids) > self.max_prompt:
+            raise APIError(400, f"The prompt is {len(ids)} tokens, above this server's limit of {self.max_prompt}.",
+                           param=param, code="context_length_exceeded")
+        vocab = self.engine.model.config.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise APIError(400, f"Token id {bad[0]} is out of range [0, {vocab}).", param=param, code="invalid_value")
+
+    def choices_count(self, n: int | None, prompts: int) -> int:
+        n = 1 if n is None else n
+        if n < 1:
+            raise APIError(400, f"'n' must be at least 1, got {n}.", param="n", code="invalid_value")
+        if n * prompts > self.cfg.max_n:
+            raise APIError(400, f"{n * prompts} choices requested (n × prompts); this server's limit is "
+                                f"{self.cfg.max_n}.", param="n", code="invalid_value")
+        return n
+
+    def sampling_params(self, body: GenerationRequest, max_tokens: int | None, prompt_len: int,
+                        logprobs: int | None, param: str) -> SamplingParams:
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(body, name)
+            _need(v is None or -2 <= v <= 2, f"'{name}' must be in [-2, 2], got {v}.", name)
+            _need(not v, f"'{name}' is not supported by this server (only 0).", name)
+        _need(not body.logit_bias, "'logit_bias' is not supported by this server.", "logit_bias")
+        t = 1.0 if body.temperature is None else float(body.temperature)
+        _need(0 <= t <= 2, f"'temperature' must be in [0, 2], got {t}.", "temperature")
+        top_p = 1.0 if body.top_p is None else float(body.top_p)
+        _need(0 <= top_p <= 1, f"'top_p' must be in [0, 1], got {top_p}.", "top_p")
+        top_k = body.top_k or 0
+        _need(top_k >= 0 or top_k == -1, f"'top_k' must be >= 0, got {top_k}.", "top_k")
+        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        _need(len(stop) <= 4, f"'stop' takes up to 4 sequences, got {len(stop)}.", "stop")
+        if max_tokens is None:
+            max_tokens = min(self.cfg.default_max_tokens, self.max_len - prompt_len)
+        _need(max_tokens >= 1, f"'{param}' must be at least 1, got {max_tokens}.", param)
+        _need(max_tokens <= self.max_new, f"'{param}' is {max_tokens}, above this server's limit of "
+                                          f"{self.max_new}.", param)
+        if prompt_len + max_tokens > self.max_len:
+            raise APIError(400, f"This model's maximum context length is {self.max_len} tokens. However, you "
+                                f"requested {prompt_len + max_tokens} tokens ({prompt_len} in the prompt, {max_tokens} "
+                                f"for the completion). Please reduce the prompt or {param}.", param=param,
+                           code="context_length_exceeded")
+        return SamplingParams(max_tokens=max_tokens, temperature=t, top_p=max(top_p, 1e-6), top_k=max(top_k, 0),
+                              seed=body.seed, stop=tuple(stop), logprobs=logprobs, ignore_eos=bool(body.ignore_eos))
+
+    def _model_card(self) -> dict:
+        return {"id": self.model_name, "object": "model", "created": self.started, "owned_by": "llama-jax"}
