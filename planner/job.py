@@ -32,7 +32,7 @@ class Job:
     seq: int = 4096  # training sequence length / serving prompt (prefill) length
     kv_len: int | None = None  # serving: KV-cache length per sequence (default: seq)
     lora_rank: int = 16
-    lora_targets: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
+    lora_targets: tuple[str, ...] = lora_lib.TARGETS
     remat: str = "full"  # none | full | dots | attn_proj
     accum: int = 1  # gradient accumulation: micro-batches of batch // accum rows
     layers: int | None = None  # reduced depth (tests, quick checks)

@@ -83,7 +83,8 @@ def analytic(mcfg: LlamaConfig, mesh_sizes: dict, slots: int, max_len: int, kv_d
     return {"weights_bytes": int(weights), "kv_cache_bytes": int(cache)}
 
 
-def compile_only(cfg, out=sys.stdout) -> int:
+def compile_only(cfg, out=None) -> int:
+    out = out or sys.stdout  # looked up per call: a default would keep the stdout of import time
     e = cfg.engine
     try:
         mcfg = model_config(cfg)
