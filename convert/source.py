@@ -4,16 +4,14 @@ blocks of rows straight from the files (no tensor is ever read whole).
 Validation (errors name the file and the tensor; `python -m convert` exits non-zero with them):
 pickle formats refused with a hint; missing, extra or duplicated tensors (across files, inside one
 file's header, or in the index); shapes that do not match config.json; dtypes that do not match
-config.json's `dtype`/`torch_dtype`; truncated files and corrupt headers (model/safetensors_io.py),
-overlapping tensor byte ranges.
+config.json's `dtype`/`torch_dtype`. Headers (truncated files, corrupt or malformed entries, overlapping
+byte ranges) and index file names are checked by the one reader, model/formats/safetensors_io.py.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import struct
 from pathlib import Path
 
 import numpy as np
@@ -34,50 +32,12 @@ class HFSource:
         self.ckpt = HFCheckpoint(self.dir)
         self.config = LlamaConfig.from_hf(self.dir, **config_overrides)
         self._hf_config = json.loads((self.dir / "config.json").read_text())
-        self._check_duplicate_keys()
-        self._check_overlaps()
         check_hf_tensors(self.ckpt, self.config)
         self._check_dtypes()
         self._fds: dict[str, int] = {}
-        self._data_start = {f: 8 + self._header_len(self.dir / f) for f in self.ckpt.files}
+        self._data_start = {f: sf.data_start for f, sf in self.ckpt.files.items()}
 
-    # -- validation ------------------------------------------------------------------------
-    @staticmethod
-    def _header_len(path: Path) -> int:
-        with open(path, "rb") as f:
-            return struct.unpack("<Q", f.read(8))[0]
-
-    def _header_bytes(self, path: Path) -> bytes:
-        with open(path, "rb") as f:
-            n = struct.unpack("<Q", f.read(8))[0]
-            return f.read(n)
-
-    def _check_duplicate_keys(self) -> None:
-        def pairs_hook(where):
-            def hook(pairs):
-                seen = set()
-                for k, _ in pairs:
-                    if k in seen:
-                        raise CheckpointError(f"{where}: tensor {k!r} is listed twice (duplicated tensor)")
-                    seen.add(k)
-                return dict(pairs)
-            return hook
-
-        for fname in self.ckpt.files:
-            path = self.dir / fname
-            json.loads(self._header_bytes(path), object_pairs_hook=pairs_hook(path))
-        index = self.dir / "model.safetensors.index.json"
-        if index.exists():
-            json.loads(index.read_text(), object_pairs_hook=pairs_hook(index))
-
-    def _check_overlaps(self) -> None:
-        for fname, sf in self.ckpt.files.items():
-            spans = sorted((begin, end, name) for name, (_, _, begin, end) in sf.tensors.items() if end > begin)
-            for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
-                if b1 < e0:
-                    raise CheckpointError(f"{self.dir / fname}: corrupt safetensors header: tensors {n0!r} and "
-                                          f"{n1!r} overlap (bytes {b0}-{e0} and {b1}-{e1})")
-
+    # -- validation (the rest is model/formats/safetensors_io.py's: headers, index, overlaps) ------
     def _check_dtypes(self) -> None:
         want = self._hf_config.get("dtype") or self._hf_config.get("torch_dtype")
         if want is None:
@@ -96,8 +56,8 @@ class HFSource:
         """File names, sizes and header hashes: a resumed job must read the same source."""
         out = {}
         for fname in sorted(self.ckpt.files):
-            path = self.dir / fname
-            out[fname] = {"size": path.stat().st_size, "header_sha256": hashlib.sha256(self._header_bytes(path)).hexdigest()}
+            sf = self.ckpt.files[fname]
+            out[fname] = {"size": (self.dir / fname).stat().st_size, "header_sha256": sf.header_sha256}
         return out
 
     # -- reading ---------------------------------------------------------------------------

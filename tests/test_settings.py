@@ -24,3 +24,34 @@ def test_errors_name_where(tmp_path):
         train_config("no_such_config")
     with pytest.raises(ConfigError, match="expected key=value"):
         train_config(None, ["steps"])
+
+
+@pytest.mark.parametrize("raw", ["0x1A", "yes", "abc #x", "null", "~", "no", "1e3", "[a, b]", "{k: v}", "'q'"])
+def test_string_overrides_are_taken_literally(raw):
+    """A secret or name typed on the command line is the text typed, never YAML-typed or cut at '#'."""
+    assert serve_config(None, [f"server.api_key={raw}"]).server.api_key == raw
+    assert train_config(None, [f"data.eval={raw}"]).data.eval == raw
+
+
+def test_non_string_overrides_are_still_typed(tmp_path):
+    cfg = train_config(None, ["steps=0x10", "lora.rank=8", "data.seq_len=64"])
+    assert cfg.steps == 16 and cfg.lora.rank == 8
+    assert serve_config(None, ["devices=null"]).devices is None
+    with pytest.raises(ConfigError, match=r"steps \(from the command line\): invalid value '\[': "):
+        train_config(None, ["steps=["])
+
+
+def test_non_empty_fields_refuse_an_empty_value():
+    import dataclasses
+
+    from model.job import settings
+
+    @dataclasses.dataclass(frozen=True)
+    class Cfg:
+        key: str | None = dataclasses.field(default=None, metadata={"non_empty": True})
+        name: str = ""
+
+    assert settings.load(Cfg, None, ["name="]).name == ""
+    assert settings.load(Cfg, None, ["key=~"]).key == "~"
+    with pytest.raises(ConfigError, match=r"key \(from the command line\): must not be empty"):
+        settings.load(Cfg, None, ["key="])

@@ -121,6 +121,22 @@ def test_bad_records_reported_and_limit_enforced(tmp_path):
     assert len(docs) == 4 and len(report.bad) == 4
 
 
+def test_undecodable_and_deeply_nested_lines_are_bad_records(tmp_path):
+    """A stray non-UTF-8 byte or a JSON line nested past the parser's limit is one bad record, skipped and
+    reported by line and counted toward max_bad_fraction, not an abort of the whole read."""
+    good = json.dumps({"text": "hello"}).encode()
+    lines = [good, b'{"text": "caf\xe9"}', good, b"[" * 100_000 + b"]" * 100_000, good, good, b'{"text": "\xff\xfe"}', good]
+    f = tmp_path / "d.jsonl"
+    f.write_bytes(b"\n".join(lines) + b"\n")
+    docs, report = data_lib.read_documents(f, ByteTokenizer(), 64, "truncate", max_bad_fraction=0.5)
+    assert len(docs) == 5 and report.records == 8
+    assert [line for line, _ in report.bad] == [2, 4, 7]
+    why = dict(report.bad)
+    assert "not UTF-8 (byte 0xe9" in why[2] and "nested too deeply" in why[4] and "not UTF-8 (byte 0xff" in why[7]
+    with pytest.raises(data_lib.DataError, match=r"3 of 8 records are bad"):
+        data_lib.read_documents(f, ByteTokenizer(), 64, "truncate", max_bad_fraction=0.3)
+
+
 def test_overlong_truncated_or_dropped(tmp_path):
     f = tmp_path / "d.jsonl"
     f.write_text(json.dumps({"text": "x" * 100}) + "\n" + json.dumps({"text": "short"}) + "\n")

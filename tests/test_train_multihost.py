@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-ARGS = ["data.seq_len=64", "data.batch_size=8", "data.grad_accum=2", "data.eval=null", "log_every=1",
+ARGS = ["data.seq_len=64", "data.batch_size=8", "data.grad_accum=2", "data.eval=", "log_every=1",
         "checkpoint.every=3", "optimizer.warmup_steps=1", "steps=6", "mesh=fsdp=4,tensor=2"]
 
 

@@ -87,23 +87,32 @@ class Report:
         return s
 
 
+def _parse_line(raw: bytes):
+    """One JSONL line -> its value; ValueError with the reason (bad UTF-8, bad JSON, nesting too deep)."""
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1})") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"invalid JSON ({e.msg})") from None
+    except RecursionError:
+        raise ValueError("invalid JSON (nested too deeply)") from None
+
+
 def read_documents(path: str | Path, tok: Tokenizer, seq_len: int, overlong: str, max_bad_fraction: float):
     """Documents of at most seq_len + 1 tokens (one row of inputs plus the shifted target)."""
     report, docs = Report(str(path)), []
     try:
-        f = open(path, encoding="utf-8")
+        f = open(path, "rb")  # decoded line by line: one bad byte is one bad record, not a failed read
     except FileNotFoundError:
         raise DataError(f"{path}: data file not found") from None
     with f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
                 continue
             report.records += 1
             try:
-                doc = tokenize_record(json.loads(line), tok)
-            except json.JSONDecodeError as e:
-                report.bad.append((lineno, f"invalid JSON ({e.msg})"))
-                continue
+                doc = tokenize_record(_parse_line(raw), tok)
             except ValueError as e:
                 report.bad.append((lineno, str(e)))
                 continue

@@ -44,6 +44,7 @@ import tensorstore as ts
 from etils import epath
 from flax import nnx
 
+from model.formats.safetensors_io import inside_dir
 from model.network.config import LlamaConfig, RopeScaling
 from model.network.lora import LoraConfig
 from model.network.model import tree_get
@@ -151,10 +152,25 @@ def read_config(path) -> LlamaConfig:
 
 
 def param_names(path) -> dict[str, tuple[str, ...]]:
-    """Orbax name -> tree path of every array in the checkpoint."""
+    """Orbax name -> tree path of every array in the checkpoint. The names become directory names inside
+    `path`, so each must stay inside it: keys that are empty, `.`/`..`, or hold a path separator are refused
+    naming the metadata file and the entry."""
+    where = as_path(path) / METADATA_FILE
     tree = read_metadata(path).get("tree_metadata", {})
-    return {".".join(k["key"] for k in v["key_metadata"]): tuple(k["key"] for k in v["key_metadata"])
-            for v in tree.values()}
+    if not isinstance(tree, dict):
+        raise CheckpointFormatError(f"{where}: tree_metadata is not a JSON object")
+    out = {}
+    for entry, v in tree.items():
+        try:
+            keys = tuple(k["key"] for k in v["key_metadata"])
+        except (KeyError, TypeError):
+            raise CheckpointFormatError(f"{where}: tree_metadata entry {entry!r} has no key_metadata keys") from None
+        name = ".".join(k if isinstance(k, str) else "" for k in keys)
+        if not keys or not all(isinstance(k, str) and k and "/" not in k for k in keys) or not inside_dir(name):
+            raise CheckpointFormatError(f"{where}: tree_metadata entry {entry!r}: parameter name {name!r} "
+                                        f"(keys {list(keys)!r}) is not a name inside the checkpoint directory")
+        out[name] = keys
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,7 +8,9 @@ Every header is validated where it enters, with errors that name the file and th
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 import struct
 from pathlib import Path
@@ -32,9 +34,32 @@ class CheckpointError(ValueError):
     """A checkpoint on disk is not what it must be; the message names the file and tensor."""
 
 
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 class SafetensorsFile:
+    """One safetensors file, its header validated in full on opening (the one reader every path uses:
+    model.load, convert, PEFT): a sane header length, a JSON object without repeated names, for each
+    tensor a known dtype, a shape of non-negative integers, data offsets whose span is exactly
+    prod(shape)·itemsize (Python integers: no overflow), inside the file and overlapping no other."""
+
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        raw, size = self._read_header()
+        self.header_len = len(raw)
+        self.header_sha256 = hashlib.sha256(raw).hexdigest()
+        header = self._parse(raw)
+        metadata = header.pop("__metadata__", None) or {}
+        if not isinstance(metadata, dict):
+            raise CheckpointError(f"{self.path}: corrupt safetensors header: __metadata__ is not a JSON object")
+        self.metadata = metadata
+        self.data_start = self._data_start = 8 + len(raw)
+        self.tensors: dict[str, tuple[np.dtype, tuple[int, ...], int, int]] = {
+            name: self._entry(name, info, size) for name, info in header.items()}
+        self._check_overlaps()
+
+    def _read_header(self) -> tuple[bytes, int]:
         try:
             size = self.path.stat().st_size
             with open(self.path, "rb") as f:
@@ -42,36 +67,60 @@ class SafetensorsFile:
                 if len(raw) < 8:
                     raise CheckpointError(f"{self.path}: truncated file ({size} bytes): no safetensors header")
                 (n,) = struct.unpack("<Q", raw)
-                if n > MAX_HEADER or n + 8 > size:
+                if n < 2 or n > MAX_HEADER or n + 8 > size:
                     raise CheckpointError(f"{self.path}: corrupt safetensors header (declares {n} header bytes, "
-                                          f"file has {size})")
-                header = json.loads(f.read(n))
+                                          f"file has {size}; at most {MAX_HEADER} allowed)")
+                return f.read(n), size
         except FileNotFoundError:
             raise CheckpointError(f"{self.path}: file not found") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+
+    def _parse(self, raw: bytes) -> dict:
+        def unique(pairs):
+            seen = set()
+            for k, _ in pairs:
+                if k in seen:
+                    raise CheckpointError(f"{self.path}: tensor {k!r} is listed twice in the header (duplicated tensor)")
+                seen.add(k)
+            return dict(pairs)
+
+        try:
+            header = json.loads(raw.decode("utf-8"), object_pairs_hook=unique)
+        except CheckpointError:
+            raise
+        except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, integers of >4300 digits, deep nesting
             raise CheckpointError(f"{self.path}: corrupt safetensors header: {e}") from None
         if not isinstance(header, dict):
             raise CheckpointError(f"{self.path}: corrupt safetensors header: not a JSON object")
-        self.metadata = header.pop("__metadata__", None) or {}
-        self._data_start = 8 + n
-        self.tensors: dict[str, tuple[np.dtype, tuple[int, ...], int, int]] = {}
-        for name, info in header.items():
-            try:
-                dtype = DTYPES[info["dtype"]]
-                shape = tuple(int(d) for d in info["shape"])
-                begin, end = (int(o) for o in info["data_offsets"])
-            except KeyError as e:
-                raise CheckpointError(f"{self.path}: tensor {name!r}: unsupported or missing header field {e}") from None
-            except (TypeError, ValueError):
-                raise CheckpointError(f"{self.path}: tensor {name!r}: malformed header entry {info!r}") from None
-            expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-            if end - begin != expected or begin < 0:
-                raise CheckpointError(f"{self.path}: tensor {name!r}: header gives {end - begin} bytes for "
-                                      f"shape {list(shape)} {info['dtype']} ({expected} expected)")
-            if self._data_start + end > size:
-                raise CheckpointError(f"{self.path}: truncated file: tensor {name!r} ends at byte "
-                                      f"{self._data_start + end}, file has {size}")
-            self.tensors[name] = (dtype, shape, begin, end)
+        return header
+
+    def _entry(self, name: str, info, size: int) -> tuple[np.dtype, tuple[int, ...], int, int]:
+        where = f"{self.path}: tensor {name!r}"
+        if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
+            raise CheckpointError(f"{where}: malformed header entry {info!r} (needs dtype, shape, data_offsets)")
+        code, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if not isinstance(code, str) or code not in DTYPES:
+            raise CheckpointError(f"{where}: unsupported dtype {code!r} (known: {', '.join(DTYPES)})")
+        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+            raise CheckpointError(f"{where}: shape {shape!r} is not a list of non-negative integers")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)
+                and 0 <= offsets[0] <= offsets[1]):
+            raise CheckpointError(f"{where}: data_offsets {offsets!r} are not two integers 0 <= begin <= end")
+        dtype, (begin, end) = DTYPES[code], offsets
+        expected = math.prod(shape) * dtype.itemsize  # Python integers: cannot overflow
+        if end - begin != expected:
+            raise CheckpointError(f"{where}: header gives {end - begin} bytes for shape {shape} {code} "
+                                  f"({expected} expected)")
+        if self._data_start + end > size:
+            raise CheckpointError(f"{self.path}: truncated file: tensor {name!r} ends at byte "
+                                  f"{self._data_start + end}, file has {size}")
+        return dtype, tuple(shape), begin, end
+
+    def _check_overlaps(self) -> None:
+        spans = sorted((begin, end, name) for name, (_, _, begin, end) in self.tensors.items() if end > begin)
+        for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
+            if b1 < e0:
+                raise CheckpointError(f"{self.path}: corrupt safetensors header: tensors {n0!r} and {n1!r} "
+                                      f"overlap (bytes {b0}-{e0} and {b1}-{e1})")
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self.tensors[name][1]
@@ -141,10 +190,7 @@ class HFCheckpoint:
             raise CheckpointError(f"{self.dir}: not a directory")
         index = self.dir / "model.safetensors.index.json"
         if index.exists():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise CheckpointError(f"{index}: invalid index ({e})") from None
+            weight_map = read_index(index)
             files = sorted(set(weight_map.values()))
         elif (self.dir / "model.safetensors").exists():
             weight_map, files = None, ["model.safetensors"]
@@ -177,3 +223,39 @@ class HFCheckpoint:
 
     def read(self, name: str) -> np.ndarray:
         return self.files[self.where[name]].read(name)
+
+
+def read_index(index: Path) -> dict[str, str]:
+    """The `weight_map` of a `model.safetensors.index.json`: tensor name -> a file name inside the index's
+    directory (absolute paths, `..`, separators or repeated names are refused, naming the entry)."""
+    def unique(pairs):
+        seen = set()
+        for k, _ in pairs:
+            if k in seen:
+                raise CheckpointError(f"{index}: tensor {k!r} is listed twice (duplicated tensor)")
+            seen.add(k)
+        return dict(pairs)
+
+    try:
+        weight_map = json.loads(index.read_text(), object_pairs_hook=unique)["weight_map"]
+    except CheckpointError:
+        raise
+    except (ValueError, KeyError, TypeError, RecursionError) as e:
+        raise CheckpointError(f"{index}: invalid index ({type(e).__name__}: {e})") from None
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index}: invalid index (weight_map is not a JSON object)")
+    for name, fname in weight_map.items():
+        if not inside_dir(fname):
+            raise CheckpointError(f"{index}: weight_map entry {name!r}: file {fname!r} is not a file name inside "
+                                  f"the checkpoint directory")
+    return weight_map
+
+
+def inside_dir(name) -> bool:
+    """Whether `name` (from a file's metadata) names an entry inside the directory that holds the file:
+    a non-empty relative path without `..`, `.`-only or empty parts (checked lexically: symlinks, as in the
+    Hugging Face cache, are followed as the directory's owner laid them out)."""
+    if not isinstance(name, str) or not name or "\\" in name or "\0" in name:
+        return False
+    parts = name.split("/")
+    return not name.startswith("/") and all(p not in ("", ".", "..") for p in parts)

@@ -2,6 +2,8 @@
 
 A job's config is a tree of frozen dataclasses (one per concern); YAML only sets values. Unknown
 keys and values of the wrong type are errors that name the key and the file (with its line).
+A `key=value` override is YAML-typed, except for a field typed `str` (or `str | None`, or a tuple of
+strings): that takes the text literally. A field declared with `metadata={"non_empty": True}` refuses "".
 """
 
 from __future__ import annotations
@@ -31,8 +33,33 @@ def _construct_mapping(loader, node, deep=False):
 _LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
+class _Override:
+    """A `key=value` from the command line: taken literally by a string field (a secret such as `0x1A`,
+    `yes`, `abc #x`, `null` or `~` stays what was typed), YAML-typed for any other field."""
+
+    def __init__(self, raw: str):
+        self.raw = raw
+
+    def parsed(self, where: str):
+        try:
+            return yaml.safe_load(self.raw) if self.raw else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{where}: invalid value {self.raw!r}: {e}") from None
+
+
+def _takes_str(tp) -> bool:
+    return tp is str or (typing.get_origin(tp) in (typing.Union, types.UnionType) and str in typing.get_args(tp))
+
+
 def _coerce(value, tp, where: str):
     origin = typing.get_origin(tp)
+    if isinstance(value, _Override):
+        if _takes_str(tp):
+            return value.raw
+        parsed = value.parsed(where)
+        if origin is tuple and (typing.get_args(tp) or (None,))[0] is str and not isinstance(parsed, list):
+            parsed = value.raw  # a comma-separated list of strings, each taken literally
+        value = parsed
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
@@ -99,6 +126,8 @@ def build(cls, values: dict, where: str = ""):
         if key not in fields:
             raise ConfigError(f"{at}: unknown key; {cls.__name__} has {', '.join(fields)}")
         kw[key] = _coerce(value, hints[key], at)
+        if kw[key] == "" and fields[key].metadata.get("non_empty"):
+            raise ConfigError(f"{at}: must not be empty")
     try:
         return cls(**kw)
     except (TypeError, ValueError) as e:
@@ -139,7 +168,7 @@ def load(cls, path: str | Path | None, overrides: list[str] = (), search_dir: Pa
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key=value")
         key, raw = item.split("=", 1)
-        _set_path(values, key.strip(), yaml.safe_load(raw) if raw else "")
+        _set_path(values, key.strip(), _Override(raw))
     return build(cls, values, where)
 
 

@@ -14,7 +14,8 @@ uses `covers` and `pack` here): a packed kernel carries `cpu_layout="out_in"` in
 every product of that layer (decode and prefill) goes through `gemv`. Layers the kernels do not cover
 (other dtypes, int4 groups not a multiple of 128, sizes that do not divide) stay unpacked and use
 XLA's dot. The library is compiled with the C++ compiler found on PATH (`-O3 -march=native`) into
-~/.cache/llama-jax (or $LLAMA_JAX_CACHE).
+~/.cache/llama-jax (or $LLAMA_JAX_CACHE; created 0700), under a key of the sources, compiler, flags, CPU
+features and jax/jaxlib versions; a cached library not owned by this user or writable by others is rebuilt.
 
 Attention: XLA runs a decode step's attention as ~10 small ops per layer (gather the slot's keys and
 values, convert, transpose, two dots, softmax), each costing more in launch overhead than in
@@ -28,7 +29,9 @@ import ctypes
 import hashlib
 import logging
 import os
+import platform
 import shutil
+import stat
 import subprocess
 from pathlib import Path
 
@@ -49,25 +52,88 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("LLAMA_JAX_CACHE", Path.home() / ".cache" / "llama-jax"))
 
 
-def build() -> Path:
-    """Compiles the kernel library (once per source, compiler flags and jaxlib version) and returns its path."""
-    include = Path(jaxlib.__file__).parent / "include"
+def _cpu_features() -> str:
+    """The CPU's feature flags (the library is built with -march=native): the `flags` (x86) or `Features`
+    (Arm) line of /proc/cpuinfo, else the platform's description."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.split(":")[0].strip() in ("flags", "Features"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return f"{platform.machine()} {platform.processor()}"
+
+
+def _compiler_version(cxx: str) -> str:
+    r = subprocess.run([cxx, "--version"], capture_output=True, text=True)
+    return r.stdout + r.stderr
+
+
+def _toolchain() -> tuple[str, list[str]]:
     cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
     if cxx is None:
         raise RuntimeError("no C++ compiler on PATH (g++, c++ or clang++)")
     flags = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w",
              *os.environ.get("LLAMA_JAX_CPU_FLAGS", "").split()]
-    src = b"".join(f.read_bytes() for f in SOURCES)
-    key = hashlib.sha256(src + " ".join([cxx, *flags, jaxlib.__version__]).encode()).hexdigest()[:16]
-    out = _cache_dir() / f"cpu_kernels-{key}.so"
-    if not out.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(f".{os.getpid()}.tmp")
-        cmd = [cxx, *flags, f"-I{include}", *map(str, SOURCES), "-o", str(tmp)]
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        if r.returncode:
-            raise RuntimeError(f"building the CPU kernels failed ({' '.join(cmd)}):\n{r.stderr[-2000:]}")
-        os.replace(tmp, out)
+    return cxx, flags
+
+
+def library_path(cxx: str, flags: list[str]) -> Path:
+    """Where the library built from these sources, by this compiler (and its version), with these flags,
+    for this CPU's features and this jax/jaxlib lives in the cache."""
+    parts = [b"".join(f.read_bytes() for f in SOURCES), cxx.encode(), " ".join(flags).encode(),
+             _compiler_version(cxx).encode(), _cpu_features().encode(), jax.__version__.encode(),
+             jaxlib.__version__.encode()]
+    key = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
+    return _cache_dir() / f"cpu_kernels-{key}.so"
+
+
+def _private_dir(d: Path) -> None:
+    """The cache directory, created 0700; one owned by someone else is refused, and group/other write
+    permission on ours is taken away (anyone who can write there could plant a library we load)."""
+    d.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = os.stat(d)
+    if st.st_uid != os.getuid():
+        raise RuntimeError(f"{d}: the kernel cache directory is owned by uid {st.st_uid}, not this user")
+    if st.st_mode & 0o022:
+        log.warning("%s: removing group/other write permission from the kernel cache directory", d)
+        os.chmod(d, stat.S_IMODE(st.st_mode) & ~0o022)
+
+
+def _trusted(path: Path) -> bool:
+    """A cached library is loaded only if it is a regular file (not a link) of this user that nobody
+    else may write."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    return stat.S_ISREG(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o022
+
+
+def _compile(cmd: list[str]) -> None:
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode:
+        raise RuntimeError(f"building the CPU kernels failed ({' '.join(cmd)}):\n{r.stderr[-2000:]}")
+
+
+def build() -> Path:
+    """Compiles the kernel library (once per source, compiler and its flags and version, CPU features and
+    jax/jaxlib version) into the cache and returns its path. A cached file that is not this user's, or
+    that others may write, is not trusted: it is rebuilt and atomically replaced."""
+    include = Path(jaxlib.__file__).parent / "include"
+    cxx, flags = _toolchain()
+    out = library_path(cxx, flags)
+    _private_dir(out.parent)
+    if _trusted(out):
+        return out
+    if os.path.lexists(out):
+        log.warning("%s: not owned by this user or writable by others; rebuilding it", out)
+    tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
+    _compile([cxx, *flags, f"-I{include}", *map(str, SOURCES), "-o", str(tmp)])
+    os.chmod(tmp, 0o700)
+    os.replace(tmp, out)
+    if not _trusted(out):
+        raise RuntimeError(f"{out}: changed by someone else while it was being built")
     return out
 
 
