@@ -47,7 +47,7 @@ def main(argv=None) -> int:
     from serve.config import load_config
     from serve.engine import Engine
     from serve.sampling import SamplingParams
-    from serve.server import run_server
+    from serve.server import check_exposure, run_server
     from serve.weights import build
     from sharding.mesh import make_mesh
 
@@ -58,6 +58,8 @@ def main(argv=None) -> int:
         return compile_only(cfg)
 
     try:
+        if not generate:
+            check_exposure(cfg.server)  # before the weights load: a refused start is quick
         devices = jax.devices()[:cfg.devices] if cfg.devices else jax.devices()
         mesh = make_mesh(cfg.mesh, devices)
         model, tokenizer, name = build(cfg.model, mesh)

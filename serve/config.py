@@ -59,14 +59,33 @@ class EngineConfig:
 class ServerConfig:
     host: str = "127.0.0.1"  # loopback unless told otherwise
     port: int = 8000
-    api_key: str | None = None  # Bearer token clients must send; also read from $SERVE_API_KEY
+    # Bearer token clients must send; also read from $SERVE_API_KEY. An empty key is an error, not "no key".
+    api_key: str | None = dataclasses.field(default=None, metadata={"non_empty": True})
     max_prompt_tokens: int | None = None  # default: engine.max_len - 1
     max_tokens: int | None = None  # the largest max_tokens a request may ask for; default: engine.max_len - 1
     default_max_tokens: int = 256  # when a request gives none (OpenAI completions default to 16)
     max_body_bytes: int = 1 << 20  # request body limit
     max_n: int = 8  # choices per request (n × prompts)
-    max_queue: int = 1024  # waiting requests before 429
+    max_queue: int = 1024  # waiting requests before 429 (open responses count: a stalled stream holds its place)
     log_level: str = "info"
+    allowed_hosts: tuple[str, ...] = ()  # Host header names accepted besides the loopback ones ("*": any)
+    allow_unauthenticated: bool = False  # bound to a non-loopback address without an API key: start anyway
+    header_timeout: float = 10.0  # seconds a connection may take to send a request's headers
+    body_timeout: float = 30.0  # seconds a request may take to send its body
+    request_timeout: float = 600.0  # seconds one request may run, body to last byte of the answer
+    keep_alive_timeout: float = 5.0  # seconds an idle keep-alive connection stays open
+    max_header_bytes: int = 16384  # an incomplete request head larger than this is refused
+    max_connections: int = 1024  # open connections and requests; beyond it uvicorn answers 503
+    stream_buffer: int = 256  # events queued for one request that its client has not taken; beyond: cancelled
+    max_stop_chars: int = 256  # the longest stop string (characters)
+    retry_after: int = 1  # seconds, in the Retry-After header of a 429
+
+    def __post_init__(self):
+        for name in ("header_timeout", "body_timeout", "request_timeout", "keep_alive_timeout", "max_header_bytes",
+                     "max_connections", "stream_buffer", "max_stop_chars", "max_n", "max_queue", "max_body_bytes"):
+            v = getattr(self, name)
+            if not v > 0 or v == float("inf"):
+                raise ValueError(f"server.{name} must be a finite number > 0, got {v}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -37,7 +37,7 @@ from model.network.model import Model
 from serve import layout
 from serve.config import EngineConfig
 from serve.events import Event, TextStream, TokenLogprob
-from serve.sampling import SamplingParams
+from serve.sampling import SamplingParams, SamplingRows
 from serve.scheduler import Plan, Request, Scheduler
 from serve.step import DeviceStep, Program
 from sharding.rules import SERVE_RULES
@@ -82,13 +82,21 @@ class Engine:
         if len(prompt) + params.max_tokens > self.cfg.max_len:
             raise ValueError(f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
                              f"context length {self.cfg.max_len}")
-        bad = [t for t in prompt if not 0 <= t < self.model.config.vocab_size]
+        vocab = self.model.config.vocab_size
+        bad = [t for t in prompt if not 0 <= t < vocab]
         if bad:
-            raise ValueError(f"token id {bad[0]} is out of range for vocab_size {self.model.config.vocab_size}")
+            raise ValueError(f"token id {bad[0]} is out of range for vocab_size {vocab}")
+        if params.top_k > vocab:
+            raise ValueError(f"top_k {params.top_k} exceeds the vocabulary size {vocab}")
+        if params.seed is not None and not -2**63 <= params.seed < 2**64:
+            raise ValueError(f"seed {params.seed} is not a 64-bit integer")
         rid = request_id or f"req-{next(self._ids)}"
-        seed = params.seed if params.seed is not None else int(self._rng.integers(0, 2**31))
-        self.scheduler.put(Request(rid, prompt, params, emit, seed & 0xFFFFFFFF, TextStream(self.tokenizer,
-                                                                                              params.stop)))
+        seed = (params.seed if params.seed is not None else int(self._rng.integers(0, 2**31))) & 0xFFFFFFFF
+        try:  # this request's row of the step inputs: a value that does not fit fails here, alone
+            SamplingRows.host([params], [seed], [0])
+        except (OverflowError, ValueError, TypeError) as e:
+            raise ValueError(f"sampling parameters out of range: {e}") from None
+        self.scheduler.put(Request(rid, prompt, params, emit, seed, TextStream(self.tokenizer, params.stop)))
         self._wake.set()
         return rid
 
@@ -237,9 +245,44 @@ class Engine:
         out, self.cache = self.device_step(self.cache, plan.batch, plan.shape)
         return out
 
+    def _plan(self, build: Callable[[list[Request]], Plan], reqs: list[Request]) -> Plan | None:
+        """build(reqs), or, when that fails, build over the requests whose own inputs can be built (the others
+        end with an error, alone); None when none is left."""
+        try:
+            return build(reqs)
+        except Exception:
+            log.exception("building a step's inputs failed; retrying request by request")
+        good = []
+        for r in reqs:
+            try:
+                build([r])
+                good.append(r)
+            except Exception as e:
+                self._finish(r, "error", error=f"invalid request inputs: {type(e).__name__}: {e}")
+        if len(good) == len(reqs):  # each builds alone, not together: one at a time
+            good = good[:1]
+        return self._plan(build, good) if good else None
+
+    def _guarded_step(self, plan: Plan) -> list[np.ndarray] | None:
+        """_run_step, or None when it failed: the step's requests end with an error, the others go on (unless
+        the failed call consumed the donated cache: then the cache is rebuilt and what it held is lost)."""
+        try:
+            return self._run_step(plan)
+        except Exception as e:
+            log.exception("engine step failed (%d request(s))", len(plan.reqs))
+            message = f"engine error: {type(e).__name__}: {e}"
+            for r in plan.reqs:
+                if not r.done:
+                    self._finish(r, "error", error=message)
+            if any(x.is_deleted() for x in jax.tree.leaves(self.cache) if hasattr(x, "is_deleted")):
+                self._fail_all(message)
+            return None
+
     def _prefill(self, candidates: list[Request]):
-        plan = self.scheduler.plan_prefill(candidates)
-        out = self._run_step(plan)
+        plan = self._plan(self.scheduler.plan_prefill, candidates)
+        out = None if plan is None else self._guarded_step(plan)
+        if out is None:
+            return
         self.stats["prefill_steps"] += 1
         for b, r in enumerate(plan.reqs):
             self.stats["prefill_tokens"] += plan.ends[b] - r.prefilled
@@ -248,16 +291,27 @@ class Engine:
                 self._accept(r, *(o[0, b] for o in out))
 
     def _decode(self, reqs: list[Request]):
-        plan = self.scheduler.plan_decode(reqs, self.decode_steps)
-        out = self._run_step(plan)
+        plan = self._plan(lambda rs: self.scheduler.plan_decode(rs, self.decode_steps), reqs)
+        out = None if plan is None else self._guarded_step(plan)
+        if out is None:
+            return
         self.stats["decode_steps"] += 1
-        self.stats["decode_rows"] += len(reqs)
+        self.stats["decode_rows"] += len(plan.reqs)
         for j in range(plan.shape.steps):
-            for b, r in enumerate(reqs):
+            for b, r in enumerate(plan.reqs):
                 if not r.done:
                     self._accept(r, *(o[j, b] for o in out))
 
     def _accept(self, r: Request, tok, lp, top_ids, top_lp):
+        """A sampled token for request r (a failure ends r alone, with an error)."""
+        try:
+            self._accept_token(r, tok, lp, top_ids, top_lp)
+        except Exception as e:
+            log.exception("handling a token of %s failed", r.id)
+            if not r.done:
+                self._finish(r, "error", error=f"engine error: {type(e).__name__}: {e}")
+
+    def _accept_token(self, r: Request, tok, lp, top_ids, top_lp):
         """A sampled token for request r: text, stop conditions, event."""
         tok = int(tok)
         now = time.perf_counter()

@@ -4,7 +4,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import math
 import time
 import uuid
 
@@ -64,8 +66,12 @@ def chat_messages(body: ChatRequest) -> list[dict]:
 class API:
     """The endpoints of one served model."""
 
-    def __init__(self, engine: Engine, tokenizer, model_name: str, cfg: ServerConfig):
+    def __init__(self, engine: Engine, tokenizer, model_name: str, cfg: ServerConfig,
+                 admission: streaming.Admission | None = None):
         self.engine, self.tokenizer, self.model_name, self.cfg = engine, tokenizer, model_name, cfg
+        self.admission = admission or streaming.Admission(cfg.max_queue, cfg.stream_buffer, cfg.request_timeout,
+                                                          cfg.retry_after)
+        self.vocab = engine.model.config.vocab_size
         self.max_len = engine.cfg.max_len
         self.max_prompt = min(cfg.max_prompt_tokens or self.max_len - 1, self.max_len - 1)
         self.max_new = min(cfg.max_tokens or self.max_len - 1, self.max_len - 1)
@@ -87,15 +93,17 @@ class API:
         return self._model_card()
 
     async def completions(self, request: Request, body: CompletionRequest):
-        self.check_model(body.model)
+        self.check_model(body.model)  # the cheap checks first, tokenization (off the event loop) after
         prompts = completion_prompts(body)
-        ids = [self.tokenizer.encode(x, bos=True) if isinstance(x, str) else list(x) for x in prompts]
         if body.logprobs is not None and not 0 <= body.logprobs <= MAX_TOP_LOGPROBS:
             raise APIError(400, f"'logprobs' must be in [0, {MAX_TOP_LOGPROBS}], got {body.logprobs}.",
                            param="logprobs", code="invalid_value")
+        n = self.choices_count(body.n, len(prompts))
+        self.check_limits(body, body.max_tokens, "max_tokens")
+        ids = await self.tokenize(lambda: [self.tokenizer.encode(x, bos=True) if isinstance(x, str) else list(x)
+                                           for x in prompts], "prompt")
         for x in ids:
             self.check_prompt(x, "prompt")
-        n = self.choices_count(body.n, len(ids))
         max_tokens = body.max_tokens if body.max_tokens is not None else 16  # OpenAI's default for completions
         jobs = []
         for x in ids:
@@ -106,9 +114,12 @@ class API:
         return await self.respond(request, body, jobs, shape, sum(len(x) for x in ids))
 
     async def chat(self, request: Request, body: ChatRequest):
-        self.check_model(body.model)
-        ids = self.tokenizer.encode_chat(chat_messages(body))
-        self.check_prompt(ids, "messages")
+        self.check_model(body.model)  # the cheap checks first, tokenization (off the event loop) after
+        messages = chat_messages(body)
+        n = self.choices_count(body.n, 1)
+        limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+        self.check_limits(body, limit, param)
         top = None
         if body.logprobs:
             top = body.top_logprobs or 0
@@ -116,9 +127,8 @@ class API:
                   "top_logprobs")
         else:
             _need(not body.top_logprobs, "'top_logprobs' needs 'logprobs': true.", "top_logprobs")
-        n = self.choices_count(body.n, 1)
-        limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+        ids = await self.tokenize(lambda: self.tokenizer.encode_chat(messages), "messages")
+        self.check_prompt(ids, "messages")
         sp = self.sampling_params(body, limit, len(ids), top, param)
         jobs = [(ids, s) for s in per_choice(sp, n)]
         shape = ChatShape(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), self.model_name, bool(body.logprobs), n)
@@ -127,7 +137,7 @@ class API:
     async def respond(self, request: Request, body: GenerationRequest, jobs: list[streaming.Job], shape,
                       prompt_tokens: int):
         """The one answer path of the generation endpoints: server-sent events, or one body at the end."""
-        events = streaming.submit(self.engine, request, jobs, self.cfg.max_queue)
+        events = streaming.submit(self.engine, request, jobs, self.admission)
         if body.stream:
             return streaming.event_stream(streaming.sse_stream(events, shape, prompt_tokens, body.include_usage))
         done = await streaming.collect(events, len(jobs))
@@ -137,6 +147,37 @@ class API:
 
     # ------------------------------------------------------------------------------------------
     # checks of values (types were checked by the schemas)
+
+    @staticmethod
+    async def tokenize(fn, param: str):
+        """fn() in a worker thread (a long prompt must not stall the event loop)."""
+        try:
+            return await asyncio.to_thread(fn)
+        except UnicodeError as e:
+            raise APIError(400, f"The text cannot be tokenized ({type(e).__name__}).", param=param,
+                           code="invalid_value") from None
+
+    def check_limits(self, body: GenerationRequest, max_tokens: int | None, param: str):
+        """The bounds of every sampling value, before any work: the model's vocabulary and context, int64 seeds,
+        stop strings' count and length."""
+        if max_tokens is not None:
+            _need(max_tokens >= 1, f"'{param}' must be at least 1, got {max_tokens}.", param)
+            _need(max_tokens <= self.max_new, f"'{param}' is {max_tokens}, above this server's limit of "
+                                              f"{self.max_new}.", param)
+        if body.top_k is not None:
+            _need(-1 <= body.top_k <= self.vocab, f"'top_k' must be in [0, {self.vocab}] (the vocabulary size) "
+                                                  f"or -1, got {body.top_k}.", "top_k")
+        if body.seed is not None:
+            _need(-2**63 <= body.seed < 2**63, f"'seed' must be a 64-bit integer, got {str(body.seed)[:30]}.",
+                  "seed")
+        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        _need(len(stop) <= 4, f"'stop' takes up to 4 sequences, got {len(stop)}.", "stop")
+        longest = max((len(x) for x in stop), default=0)
+        _need(longest <= self.cfg.max_stop_chars, f"a 'stop' sequence is {longest} characters, above this "
+                                                   f"server's limit of {self.cfg.max_stop_chars}.", "stop")
+        for name in ("temperature", "top_p"):
+            v = getattr(body, name)
+            _need(v is None or math.isfinite(v), f"'{name}' must be a finite number, got {v}.", name)
 
     def check_model(self, name: str):
         if name != self.model_name:
@@ -175,9 +216,8 @@ class API:
         top_p = 1.0 if body.top_p is None else float(body.top_p)
         _need(0 <= top_p <= 1, f"'top_p' must be in [0, 1], got {top_p}.", "top_p")
         top_k = body.top_k or 0
-        _need(top_k >= 0 or top_k == -1, f"'top_k' must be >= 0, got {top_k}.", "top_k")
+        self.check_limits(body, max_tokens, param)
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        _need(len(stop) <= 4, f"'stop' takes up to 4 sequences, got {len(stop)}.", "stop")
         if max_tokens is None:
             max_tokens = min(self.cfg.default_max_tokens, self.max_len - prompt_len)
         _need(max_tokens >= 1, f"'{param}' must be at least 1, got {max_tokens}.", param)

@@ -4,12 +4,15 @@ server-sent events (`data: {chunk}` lines, then `data: [DONE]`) through the endp
 (serve/responses.py); `collect` runs them to the end for an answer in one body.
 
 A client that goes away (streaming or not) has its requests cancelled at once, which frees their KV-cache
-slots for the next requests in the queue.
+slots for the next requests in the queue; so does one that stops reading a stream (its events waiting
+beyond `stream_buffer`) or runs past its deadline.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import dataclasses
 import json
 import logging
 import uuid
@@ -30,42 +33,94 @@ DONE = "data: [DONE]\n\n"
 Job = tuple[list[int], SamplingParams]  # (prompt ids, sampling) of one choice
 
 
-def submit(engine: Engine, request: Request, jobs: list[Job], max_queue: int) -> AsyncIterator[tuple[int, Event]]:
+@dataclasses.dataclass
+class Admission:
+    """What an HTTP request may hold: the queue limit (requests waiting for a slot, and open responses, whose
+    clients may be slow to read them: `open` is kept by serve/server.Guard), the events one request may have
+    waiting for its client, and its deadline."""
+
+    max_queue: int
+    stream_buffer: int
+    request_timeout: float
+    retry_after: int = 1
+    open: int = 0  # generation requests whose response is not finished
+
+    def check(self, engine: Engine, jobs: int):
+        if engine.pending + jobs > self.max_queue or self.open > self.max_queue + engine.cfg.max_slots:
+            raise APIError(429, "The server is overloaded (request queue full); retry later.", type="server_error",
+                           code="overloaded", headers={"Retry-After": str(self.retry_after)})
+
+
+def submit(engine: Engine, request: Request, jobs: list[Job], admission: Admission) -> AsyncIterator[tuple[int, Event]]:
     """Submits the jobs now; returns an async iterator of (choice index, Event) until every job
-    finished. What is left is cancelled when the client disconnects or the consumer stops early."""
-    if engine.pending + len(jobs) > max_queue:
-        raise APIError(429, "The server is overloaded (request queue full); retry later.", type="server_error",
-                       code="overloaded")
+    finished. What is left is cancelled when the client disconnects, the consumer stops early, more than
+    `admission.stream_buffer` events wait for the consumer (a client that stops reading a stream) or the
+    request's deadline passes; the last two end each job left with an error event."""
+    admission.check(engine, len(jobs))
     loop = asyncio.get_running_loop()
-    q: asyncio.Queue = asyncio.Queue()
+    q: collections.deque = collections.deque()
+    ready = asyncio.Event()
     gone = object()
     ids = [uuid.uuid4().hex for _ in jobs]
     left = set(range(len(jobs)))
+    state = {"over": False}
 
     def cancel_left():
         for i in left:
             engine.cancel(ids[i])
 
+    def end(reason: str | None):
+        """Cancels what is left and drops what was queued; with a reason, each job left ends with an error."""
+        if state["over"]:
+            return
+        state["over"] = True
+        cancel_left()
+        q.clear()
+        if reason:
+            log.info("%s: cancelling %d request(s)", reason, len(left))
+            q.extend((i, Event(ids[i], finish_reason="error", error=reason)) for i in sorted(left))
+        q.append(gone)
+        ready.set()
+
+    def put(item):
+        if state["over"]:
+            return
+        if len(q) >= admission.stream_buffer:
+            end(f"the client is not reading its answer ({admission.stream_buffer} events unread)")
+            return
+        q.append(item)
+        ready.set()
+
     for i, (prompt, params) in enumerate(jobs):
         def emit(ev: Event, i=i):
-            loop.call_soon_threadsafe(q.put_nowait, (i, ev))
-        engine.submit(prompt, params, emit, request_id=ids[i])
+            loop.call_soon_threadsafe(put, (i, ev))
+        try:
+            engine.submit(prompt, params, emit, request_id=ids[i])
+        except ValueError as e:  # the engine's own checks (the handlers' should have caught it first)
+            for j in range(i):
+                engine.cancel(ids[j])
+            raise APIError(400, str(e), code="invalid_value") from None
+    timer = loop.call_later(admission.request_timeout, end,
+                            f"the request's deadline ({admission.request_timeout:g} s) passed")
 
     async def watch():  # frees the slots at once, even while the response is not being iterated
         while True:
             message = await request.receive()
             if message["type"] == "http.disconnect":
-                if left:
+                if left and not state["over"]:
                     log.info("client disconnected: cancelling %d request(s)", len(left))
-                cancel_left()
-                q.put_nowait(gone)
+                end(None)
                 return
 
     async def events():
         watcher = asyncio.create_task(watch())
         try:
             while left:
-                item = await q.get()
+                if not q:
+                    ready.clear()
+                    await ready.wait()
+                    continue
+                item = q.popleft()
                 if item is gone:
                     return
                 i, ev = item
@@ -74,7 +129,9 @@ def submit(engine: Engine, request: Request, jobs: list[Job], max_queue: int) ->
                 yield i, ev
         finally:
             watcher.cancel()
+            timer.cancel()
             cancel_left()
+            q.clear()
 
     return events()
 

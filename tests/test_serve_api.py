@@ -3,6 +3,8 @@ completions, chat, streaming, 64 concurrent streams with flat memory, 4xx errors
 slots freed when clients disconnect."""
 
 import asyncio
+import concurrent.futures
+import json
 import os
 import socket
 import subprocess
@@ -13,12 +15,16 @@ from pathlib import Path
 import httpx
 import pytest
 
+from serve.schemas import APIError
+from serve.streaming import Admission
+
 openai = pytest.importorskip("openai")
 psutil = pytest.importorskip("psutil")
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "test-key-123"
 SLOTS = 8
+HEADER_TIMEOUT = 2
 
 
 def free_port() -> int:
@@ -34,7 +40,8 @@ def server(tmp_path_factory):
     env = dict(os.environ, JAX_PLATFORMS="cpu", SERVE_API_KEY=KEY)
     cmd = [sys.executable, "-m", "serve", f"server.port={port}", f"engine.max_slots={SLOTS}", "engine.max_len=512",
            "engine.min_kv_bucket=512", "engine.prefill_chunk=64", "engine.prefill_tokens=128",
-           "server.max_prompt_tokens=300", "server.max_tokens=400", "server.max_body_bytes=65536"]
+           "server.max_prompt_tokens=300", "server.max_tokens=400", "server.max_body_bytes=262144",
+           f"server.header_timeout={HEADER_TIMEOUT}", "server.stream_buffer=32"]
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -51,7 +58,7 @@ def server(tmp_path_factory):
             proc.kill()
             pytest.fail(f"server did not start:\n{log.read_text()[-3000:]}")
         time.sleep(0.5)
-    yield url, proc
+    yield url, proc, log
     proc.terminate()
     try:
         proc.wait(timeout=30)
@@ -197,7 +204,7 @@ def test_bad_requests_get_openai_errors(server, case):
         "wrong_key": (lambda: _post(url, ok, key="nope"), 401, None),
         "no_key": (lambda: _post(url, ok, key=None), 401, None),
         "unknown_model": (lambda: _post(url, {**ok, "model": "gpt-5"}), 404, "model"),
-        "body_too_large": (lambda: _post(url, {**ok, "prompt": "y" * 70000}), 400, None),
+        "body_too_large": (lambda: _post(url, {**ok, "prompt": "y" * 300000}), 400, None),
         "bad_temperature": (lambda: _post(url, {**ok, "temperature": 3.5}), 400, "temperature"),
     }
     call, status, param = cases[case]
@@ -255,3 +262,146 @@ def test_cli_generate():
     bad = subprocess.run([sys.executable, "-m", "serve", "engine.max_slots=zero"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "max_slots" in bad.stderr and "expected an integer" in bad.stderr
+
+
+def _stream_text(url, body):
+    with httpx.stream("POST", url, json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=120) as r:
+        assert r.status_code == 200
+        chunks = [line[6:] for line in r.iter_lines() if line.startswith("data: {")]
+    return "".join(json.loads(c)["choices"][0]["text"] for c in chunks), time.time()
+
+
+def test_out_of_range_request_fails_alone(server):
+    """top_k 2**32 (int32 overflow on the engine thread once) is a 400 for that request only: two long
+    streams running meanwhile finish with the text they have when run alone."""
+    url = server[0] + "/v1/completions"
+    bodies = [{"model": "toy", "prompt": p, "max_tokens": 400, "temperature": 0, "ignore_eos": True, "stream": True}
+              for p in ("first long one", "second long one")]
+    alone = [_stream_text(url, b)[0] for b in bodies]
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        running = [pool.submit(_stream_text, url, b) for b in bodies]
+        deadline = time.time() + 30
+        while httpx.get(server[0] + "/health").json()["active"] < 2 and time.time() < deadline:
+            time.sleep(0.02)
+        bad = [_post(url, {"model": "toy", "prompt": "x", "top_k": 2**32, "max_tokens": 1}),
+               _post(url, {"model": "toy", "prompt": "x", "seed": 2**70, "max_tokens": 1}),
+               _post(url, {"model": "toy", "prompt": "x", "stop": ["s" * 300], "max_tokens": 1})]
+        answered = time.time()
+        together = [f.result() for f in running]
+    assert all(t > answered for _, t in together), "the long streams were not running meanwhile"
+    together = [text for text, _ in together]
+    assert [r.status_code for r in bad] == [400] * 3, [r.text for r in bad]
+    assert [r.json()["error"]["param"] for r in bad] == ["top_k", "seed", "stop"]
+    assert together == alone
+
+
+def test_unfinished_headers_are_closed(server):
+    """300 connections that never finish their request head are closed after the header timeout, while a
+    normal request is served."""
+    host, port = server[0].removeprefix("http://").split(":")
+    socks = []
+    for _ in range(300):
+        s = socket.create_connection((host, int(port)))
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: app")
+        socks.append(s)
+    t0 = time.time()
+    r = _post(server[0] + "/v1/completions", {"model": "toy", "prompt": "hi", "max_tokens": 2})
+    assert r.status_code == 200
+    try:
+        for s in socks:
+            s.settimeout(max(HEADER_TIMEOUT + 5 - (time.time() - t0), 0.01))
+            try:
+                assert s.recv(1024) == b""  # closed by the server
+            except ConnectionResetError:
+                pass
+            except TimeoutError:
+                pytest.fail("a connection with an unfinished request head was still open after the header timeout")
+    finally:
+        for s in socks:
+            s.close()
+
+
+def test_unread_stream_is_cancelled(server):
+    """A client that stops reading its stream: its request is cancelled (the slot frees) and its events dropped."""
+    host, port = server[0].removeprefix("http://").split(":")
+    before = server[2].read_text()
+    body = ('{"model":"toy","prompt":"never read","max_tokens":400,"stream":true,"ignore_eos":true,'
+            '"logprobs":20,"n":8}').encode()  # ~3 MB of chunks: more than the sockets' buffers hold
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.connect((host, int(port)))
+    try:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                  b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Length: " + str(len(body)).encode() +
+                  b"\r\n\r\n" + body)
+        t0 = time.time()
+        while "not reading" not in server[2].read_text()[len(before):]:
+            assert time.time() - t0 < 60, "the unread stream was not cancelled"
+            time.sleep(0.1)
+        while httpx.get(server[0] + "/health").json()["active"]:
+            assert time.time() - t0 < 60, "the unread stream's slot was not freed"
+            time.sleep(0.05)
+    finally:
+        s.close()
+    assert _post(server[0] + "/v1/completions", {"model": "toy", "prompt": "hi", "max_tokens": 2}).status_code == 200
+
+
+def test_browser_requests_refused(server):
+    """A page in a browser cannot reach the API: a POST not declared JSON (a CORS 'simple request') is a 415,
+    a foreign Host header (DNS rebinding) a 400, and no CORS header lets another origin read an answer."""
+    url = server[0] + "/v1/completions"
+    body = b'{"model": "toy", "prompt": "hi", "max_tokens": 2}'
+    auth = {"Authorization": f"Bearer {KEY}"}
+    r = httpx.post(url, content=body, headers={**auth, "Content-Type": "text/plain"})
+    assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_media_type"
+    r = httpx.post(url, content=body, headers={**auth, "Host": "attacker.example"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_host"
+    r = httpx.get(server[0] + "/health", headers={"Host": "attacker.example:8000"})
+    assert r.status_code == 400
+    port = server[0].rsplit(":", 1)[1]
+    for host in ("localhost", f"localhost:{port}", f"127.0.0.1:{port}", "[::1]", f"[::1]:{port}"):
+        r = httpx.post(url, content=body, headers={**auth, "Host": host, "Origin": "http://attacker.example",
+                                                   "Content-Type": "application/json; charset=utf-8"})
+        assert r.status_code == 200, (host, r.text)
+        assert not any(h.startswith("access-control-") for h in r.headers)
+    r = httpx.options(url, headers={"Origin": "http://attacker.example", "Access-Control-Request-Method": "POST"})
+    assert not any(h.startswith("access-control-") for h in r.headers)
+
+
+@pytest.mark.parametrize("case", ["lone_surrogate", "5000_digits", "nested_100000", "nan"])
+def test_malformed_bodies_are_400s_without_traceback(server, case):
+    raw = {"lone_surrogate": b'{"model": "toy", "prompt": "\\ud800", "max_tokens": 2}',
+           "5000_digits": b'{"model": "toy", "prompt": "hi", "max_tokens": ' + b"7" * 5000 + b"}",
+           "nested_100000": b'{"model": "toy", "prompt": "hi", "stop": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+           "nan": b'{"model": "toy", "prompt": "hi", "temperature": NaN}'}[case]
+    before = len(server[2].read_bytes())
+    for path in ("/v1/completions", "/v1/chat/completions"):
+        r = _post(server[0] + path, None, raw=raw)
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["code"] == "invalid_json"
+    time.sleep(0.2)
+    new = server[2].read_bytes()[before:].decode(errors="replace")
+    assert "Traceback" not in new and len(new.splitlines()) == 2, new[-3000:]
+
+
+def test_non_loopback_without_key_refuses_to_start():
+    env = {k: v for k, v in os.environ.items() if k != "SERVE_API_KEY"}
+    r = subprocess.run([sys.executable, "-m", "serve", "server.host=0.0.0.0", f"server.port={free_port()}"],
+                       cwd=ROOT, env=dict(env, JAX_PLATFORMS="cpu"), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "allow_unauthenticated" in r.stderr, r.stderr[-2000:]
+
+
+def test_full_queue_is_a_429_with_retry_after():
+    class Busy:
+        pending = 4
+        cfg = type("C", (), {"max_slots": 2})
+
+    a = Admission(max_queue=4, stream_buffer=8, request_timeout=10, retry_after=3)
+    with pytest.raises(APIError) as e:
+        a.check(Busy, 1)
+    assert e.value.status == 429 and e.value.response().headers["retry-after"] == "3"
+    Busy.pending = 0
+    a.check(Busy, 1)
+    a.open = 7  # open responses (streams not yet read to the end) count too
+    with pytest.raises(APIError):
+        a.check(Busy, 1)

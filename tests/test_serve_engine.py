@@ -354,6 +354,61 @@ def test_cancel_frees_the_slot(engine):
     assert not engine.scheduler.requests  # nothing left behind
 
 
+def _run_until_done(engine, events, limit=500):
+    for _ in range(limit):
+        if all(ev and ev[-1].finished for ev in events.values()):
+            return
+        engine.step()
+    pytest.fail("requests did not finish")
+
+
+def test_out_of_range_params_fail_alone(engine):
+    """A request whose inputs cannot be built (top_k past int32, which the engine's submit refuses, forced in
+    afterwards) ends with an error alone; the others keep decoding, with the tokens they get alone."""
+    ps = prompts([6, 9, 7], seed=21)
+    alone = [r["token_ids"] for r in engine.generate(ps[:2], GREEDY)]
+    with pytest.raises(ValueError, match="top_k"):
+        engine.submit(ps[0], SamplingParams(max_tokens=4, top_k=2**32), lambda ev: None)
+    with pytest.raises(ValueError, match="seed"):
+        engine.submit(ps[0], SamplingParams(max_tokens=4, seed=2**70), lambda ev: None)
+    events = {i: [] for i in range(3)}
+    bad = SamplingParams(max_tokens=24, temperature=0.5, top_k=3)
+    for i, p in enumerate(ps):
+        engine.submit(p, GREEDY if i < 2 else bad, lambda ev, i=i: events[i].append(ev))
+    engine.step()  # all three prefill; then the bad one's inputs stop fitting int32
+    object.__setattr__(bad, "top_k", 2**32)
+    _run_until_done(engine, events)
+    assert events[2][-1].finish_reason == "error"
+    for i in (0, 1):
+        assert events[i][-1].finish_reason == "length"
+        assert [t for ev in events[i] for t in ev.token_ids] == alone[i]
+    assert engine.active == 0
+
+
+def test_failed_device_step_fails_only_its_rows(engine, monkeypatch):
+    """A device step that raises ends its own requests with an error; a request decoding meanwhile goes on."""
+    ps = prompts([5, 8], seed=22)
+    (alone,) = [r["token_ids"] for r in engine.generate(ps[:1], GREEDY)]
+    events = {0: [], 1: []}
+    engine.submit(ps[0], GREEDY, lambda ev: events[0].append(ev))
+    for _ in range(3):
+        engine.step()
+    assert events[0] and not events[0][-1].finished  # decoding
+    real = engine.device_step
+
+    def failing(cache, batch, shape):
+        if batch.tokens.shape[1] > 1:  # the next prefill: the second request's
+            raise RuntimeError("device step failed")
+        return real(cache, batch, shape)
+
+    monkeypatch.setattr(engine, "device_step", failing)
+    engine.submit(ps[1], GREEDY, lambda ev: events[1].append(ev))
+    _run_until_done(engine, events)
+    assert events[1][-1].finish_reason == "error" and "device step failed" in events[1][-1].error
+    assert events[0][-1].finish_reason == "length"
+    assert [t for ev in events[0] for t in ev.token_ids] == alone
+
+
 def test_compile_only_local(capsys):
     from serve.compile_check import compile_only
     from serve.config import load_config

@@ -55,3 +55,11 @@ def test_non_empty_fields_refuse_an_empty_value():
     assert settings.load(Cfg, None, ["key=~"]).key == "~"
     with pytest.raises(ConfigError, match=r"key \(from the command line\): must not be empty"):
         settings.load(Cfg, None, ["key="])
+
+
+def test_serve_api_key_is_literal_and_never_empty():
+    """`server.api_key=` must not silently turn authentication off, and a key is never YAML-typed."""
+    assert serve_config(None, ["server.api_key=0x1A"]).server.api_key == "0x1A"
+    assert serve_config(None, ["server.api_key=null"]).server.api_key == "null"
+    with pytest.raises(ConfigError, match="api_key.*must not be empty"):
+        serve_config(None, ["server.api_key="])
