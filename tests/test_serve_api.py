@@ -41,7 +41,7 @@ def server(tmp_path_factory):
     cmd = [sys.executable, "-m", "serve", f"server.port={port}", f"engine.max_slots={SLOTS}", "engine.max_len=512",
            "engine.min_kv_bucket=512", "engine.prefill_chunk=64", "engine.prefill_tokens=128",
            "server.max_prompt_tokens=300", "server.max_tokens=400", "server.max_body_bytes=262144",
-           f"server.header_timeout={HEADER_TIMEOUT}", "server.stream_buffer=32"]
+           f"server.header_timeout={HEADER_TIMEOUT}", "server.stream_buffer=32", "server.body_timeout=3"]
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -319,6 +319,56 @@ def test_unfinished_headers_are_closed(server):
     finally:
         for s in socks:
             s.close()
+
+
+def test_stalled_body_is_a_408(server):
+    """A client that sends its headers but not the whole body is answered 408 after server.body_timeout (3 s
+    here) and the connection does not stay open."""
+    host, port = server[0].removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                  b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Length: 100\r\n\r\n{\"model\"")
+        s.settimeout(15)
+        t0 = time.time()
+        reply = s.recv(4096)
+        assert reply.startswith(b"HTTP/1.1 408") and b"timeout" in reply, reply[:300]
+        assert 2.5 < time.time() - t0 < 15
+
+
+def test_request_deadline_ends_a_long_request(tmp_path):
+    """server.request_timeout bounds a request from body to last byte: a generation that would take longer is
+    ended with an error, and its slots are freed."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "serve", f"server.port={port}", "server.request_timeout=2", "engine.max_len=512"]
+    with open(tmp_path / "server.log", "wb") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), stdout=out,
+                                stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 180
+        while True:
+            assert proc.poll() is None, (tmp_path / "server.log").read_text()[-2000:]
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.time() < deadline, "server did not start"
+            time.sleep(0.5)
+        t0 = time.time()
+        body = {"model": "toy", "prompt": "x", "max_tokens": 500, "n": 8, "logprobs": 5, "ignore_eos": True}
+        r = _post(url + "/v1/completions", body, key=None)
+        elapsed = time.time() - t0
+        assert r.status_code >= 400 and "deadline" in r.text, (r.status_code, r.text[:300])
+        assert elapsed < 6  # the deadline (2 s), not the connection backstop (deadline + 5 s)
+        for _ in range(50):
+            if httpx.get(url + "/health").json()["active"] == 0:
+                break
+            time.sleep(0.2)
+        assert httpx.get(url + "/health").json()["active"] == 0
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 def test_unread_stream_is_cancelled(server):
