@@ -75,16 +75,8 @@ class SafetensorsFile:
             raise CheckpointError(f"{self.path}: file not found") from None
 
     def _parse(self, raw: bytes) -> dict:
-        def unique(pairs):
-            seen = set()
-            for k, _ in pairs:
-                if k in seen:
-                    raise CheckpointError(f"{self.path}: tensor {k!r} is listed twice in the header (duplicated tensor)")
-                seen.add(k)
-            return dict(pairs)
-
         try:
-            header = json.loads(raw.decode("utf-8"), object_pairs_hook=unique)
+            header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys(f"{self.path}", "in the header "))
         except CheckpointError:
             raise
         except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, integers of >4300 digits, deep nesting
@@ -225,19 +217,23 @@ class HFCheckpoint:
         return self.files[self.where[name]].read(name)
 
 
-def read_index(index: Path) -> dict[str, str]:
-    """The `weight_map` of a `model.safetensors.index.json`: tensor name -> a file name inside the index's
-    directory (absolute paths, `..`, separators or repeated names are refused, naming the entry)."""
-    def unique(pairs):
+def _unique_keys(where: str, place: str):
+    """A json `object_pairs_hook` that refuses a key given twice (a tensor listed twice), naming `where`."""
+    def hook(pairs):
         seen = set()
         for k, _ in pairs:
             if k in seen:
-                raise CheckpointError(f"{index}: tensor {k!r} is listed twice (duplicated tensor)")
+                raise CheckpointError(f"{where}: tensor {k!r} is listed twice {place}(duplicated tensor)")
             seen.add(k)
         return dict(pairs)
+    return hook
 
+
+def read_index(index: Path) -> dict[str, str]:
+    """The `weight_map` of a `model.safetensors.index.json`: tensor name -> a file name inside the index's
+    directory (absolute paths, `..`, separators or repeated names are refused, naming the entry)."""
     try:
-        weight_map = json.loads(index.read_text(), object_pairs_hook=unique)["weight_map"]
+        weight_map = json.loads(index.read_text(), object_pairs_hook=_unique_keys(f"{index}", ""))["weight_map"]
     except CheckpointError:
         raise
     except (ValueError, KeyError, TypeError, RecursionError) as e:
