@@ -67,7 +67,8 @@ def serving_forward(graphdef, state, cfg):
     """forward(state, tokens) through the CPU serving path instead (serve/engine.py on one CPU device):
     per-layer weights packed for model/cpu_gemv.cc, whose integer kernels quantize activations to int8,
     and attention by model/cpu_attention.cc over a KV cache."""
-    from model.network import kv_cache
+    from model.network import kv_cache, paged_attention
+    from model.network.paged_attention import PagedMeta
     from serve.layout import pack_for_cpu, unstack
 
     weights = pack_for_cpu(graphdef, *unstack(state))
@@ -76,13 +77,17 @@ def serving_forward(graphdef, state, cfg):
     @jax.jit
     def fwd(weights, tokens):
         rest, layers = weights
-        B, T = tokens.shape
-        cache = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), kv_cache.abstract(cfg, B, T, kv_dtype))
+        B, T = tokens.shape  # B sequences of T tokens in one flattened step; sequence b in block b + 1 (of T)
+        cache = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), kv_cache.abstract(cfg, B + 1, T, kv_dtype))
         module = nnx.merge(graphdef, nnx.State({**rest, "layers": layers[0]}))
-        update = kv_cache.CacheUpdate(cache, jnp.arange(B, dtype=jnp.int32), T, layers, cpu_kernels=True)
-        positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-        logits, _ = module(tokens, positions, jnp.ones_like(tokens), cache=update)
-        return logits
+        rows = jnp.arange(B, dtype=jnp.int32)
+        meta = PagedMeta(((rows[:, None] + 1) * T + jnp.arange(T, dtype=jnp.int32)).reshape(-1),
+                         jnp.full((B,), T, jnp.int32), (rows + 1)[:, None], jnp.arange(B + 1, dtype=jnp.int32) * T,
+                         jnp.array([B], jnp.int32))
+        update = kv_cache.CacheUpdate(cache, meta, paged_attention.choose(None, kv_dtype, cfg.head_dim, True), layers)
+        positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T)).reshape(1, -1)
+        logits, _ = module(tokens.reshape(1, -1), positions, cache=update)
+        return logits.reshape(B, T, -1)
 
     return lambda _, tokens: fwd(weights, tokens)
 

@@ -175,6 +175,176 @@ def ours(ckpt: Path | None, dtype: str, quant: str | None, prompt: list[int], ne
             "layout": eng.layout, "cpu_kernels": eng.cpu_kernels}
 
 
+def matmul_params(ckpt: Path, dtype: str, quant: str | None) -> int:
+    """Parameters a token's forward pass multiplies with (all but the embedding table)."""
+    import model
+
+    cfg = model.load(ckpt, dtype=dtype, quant=quant).config
+    return cfg.num_params() - cfg.vocab_size * cfg.dim
+
+
+def matmul_flops(dtype: str, m: int = 256, k: int = 1024, n: int = 3584, repeats: int = 5) -> float:
+    """FLOP/s of one [m, k] x [k, n] product in `dtype` by XLA on this device (the engine's prefill-sized dot)."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jnp.ones((m, k), dtype)
+    b = jnp.ones((k, n), dtype)
+    f = jax.jit(lambda a, b: a @ b)
+    f(a, b).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        f(a, b).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2 * m * k * n / best
+
+
+class Driver:
+    """Runs requests on an engine from this thread and records when each token arrived."""
+
+    def __init__(self, eng, new_tokens: int):
+        from serve.sampling import SamplingParams
+
+        self.eng, self.sp = eng, SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+        self.stamps: dict[int, list[float]] = {}
+        self.submitted: dict[int, float] = {}
+        self.done: set[int] = set()
+
+    def submit(self, key: int, prompt: list[int], max_tokens: int | None = None):
+        from serve.sampling import SamplingParams
+
+        sp = self.sp if max_tokens is None else SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+        self.stamps[key], self.submitted[key] = [], time.perf_counter()
+        self.eng.submit(prompt, sp, lambda ev: (self.stamps[key].append(time.perf_counter()),
+                                                ev.finished and self.done.add(key)))
+
+    def run_until(self, cond):
+        while not cond():
+            self.eng.step()
+
+    def finish(self):
+        self.run_until(lambda: self.done >= set(self.stamps))
+
+    def ttft(self, keys) -> float:
+        return float(np.mean([self.stamps[k][0] - self.submitted[k] for k in keys]))
+
+
+def steady_decode(eng, prompts: list[list[int]], window: int) -> float:
+    """Tokens/s of len(prompts) requests all decoding: measured over `window` engine steps after every
+    request has its first token."""
+    d = Driver(eng, 1000)
+    for i, p in enumerate(prompts):
+        d.submit(i, p)
+    d.run_until(lambda: all(d.stamps[i] for i in range(len(prompts))))
+    n0, t0 = sum(len(s) for s in d.stamps.values()), time.perf_counter()
+    for _ in range(window):
+        eng.step()
+    rate = (sum(len(s) for s in d.stamps.values()) - n0) / (time.perf_counter() - t0)
+    _cancel_all(eng)
+    return rate
+
+
+def _cancel_all(eng):
+    for rid in list(eng.scheduler.requests):
+        eng.cancel(rid)
+    for r in list(eng.scheduler.waiting):
+        eng.cancel(r.id)
+    while eng.scheduler.requests or eng.pending:
+        eng.step()
+
+
+def interruption(eng, short: list[list[int]], long_prompt: list[int]) -> dict:
+    """len(short) requests decode; then a long prompt arrives. Their normal interval between tokens, the
+    longest gap while the long prompt is prefilled, and the long prompt's time to first token."""
+    d = Driver(eng, 1000)
+    for i, p in enumerate(short):
+        d.submit(i, p)
+    d.run_until(lambda: all(len(d.stamps[i]) >= 9 for i in range(len(short))))
+    # tokens come `decode_steps` per call: the interval is the mean over the last 8 tokens
+    normal = float(np.median([(d.stamps[i][-1] - d.stamps[i][-9]) / 8 for i in range(len(short))]))
+    t_long = time.perf_counter()
+    d.submit(-1, long_prompt, max_tokens=1)
+    d.run_until(lambda: bool(d.stamps[-1]))
+    gaps = [max(np.diff([t_long] + [t for t in d.stamps[i] if t >= t_long] + [d.stamps[-1][0]]))
+            for i in range(len(short))]
+    _cancel_all(eng)
+    return {"normal_interval_s": normal, "worst_gap_s": float(max(gaps)),
+            "delay_factor": float(max(gaps)) / normal, "long_ttft_s": d.stamps[-1][0] - t_long}
+
+
+def shared_prefix(eng, prefix: list[int], n: int, caching: bool) -> float:
+    """Mean TTFT of n requests sharing `prefix` (distinct 8-token tails), after one request with it ran."""
+    eng.scheduler.blocks.prefix_caching = caching
+    rng = np.random.default_rng(7)
+    d = Driver(eng, 1)
+    d.submit(-1, prefix + [1] * 8)
+    d.finish()
+    for i in range(n):
+        d.submit(i, prefix + [int(t) for t in rng.integers(0, 256, 8)])
+    d.finish()
+    eng.scheduler.blocks.prefix_caching = True
+    return d.ttft(range(n))
+
+
+def capacity_ratio(block_size: int, max_len: int, short: int = 64, long: int = 1500, new_tokens: int = 64) -> dict:
+    """Requests held by the same cache bytes, paged vs fixed slots of max_len, for a 1:1 mix of short and long
+    prompts (each with new_tokens of completion): block accounting, no run."""
+    per = [-(-(n + new_tokens) // block_size) * block_size for n in (short, long)]
+    return {"mix": f"1:1 {short}/{long}-token prompts + {new_tokens} new", "fixed_slot_tokens": max_len,
+            "paged_tokens_per_request": float(np.mean(per)), "ratio": max_len / float(np.mean(per))}
+
+
+def concurrency(ckpt: Path, dtype: str, quant: str | None, kv_dtype: str, new_tokens: int, block_size: int,
+                repeats: int) -> dict:
+    """The issue-12 measurements on one engine (see the module docstring)."""
+    import model
+    from serve.config import EngineConfig
+    from serve.engine import Engine
+
+    m = model.load(ckpt, dtype=dtype, quant=quant)
+    eng = Engine(m, _tokenizer(m), EngineConfig(max_slots=64, max_len=2048, prefill_chunk=128, prefill_tokens=256,
+                                                kv_dtype=kv_dtype, block_size=block_size))
+    rng = np.random.default_rng(3)
+
+    def prompts(n, length):
+        return [[int(t) for t in rng.integers(0, 256, length)] for _ in range(n)]
+
+    out = {"block_size": block_size}
+    for n in (16, 64):
+        steady_decode(eng, prompts(n, 32), 4)  # compiles
+        out[f"steady_decode_{n}_tokens_per_s"] = max(steady_decode(eng, prompts(n, 32), 12) for _ in range(repeats))
+    long_prompt = prompts(1, 1024)[0]
+    d = Driver(eng, 1)
+    for i in range(2):  # the first compiles
+        d.submit(i, long_prompt if i else prompts(1, 1024)[0])
+        d.finish()
+    out["prefill_tokens_per_s"] = 1024 / (d.stamps[1][0] - d.submitted[1])
+    interruption(eng, prompts(15, 32), prompts(1, 1024)[0])  # compiles
+    out.update(interruption(eng, prompts(15, 32), prompts(1, 1024)[0]))
+    out["long_ttft_vs_prefill_alone"] = out["long_ttft_s"] / (1024 / out["prefill_tokens_per_s"])
+    prefix = prompts(1, 1024)[0]
+    out["shared_prefix_ttft_off_s"] = shared_prefix(eng, prefix, 16, False)
+    shared_prefix(eng, prompts(1, 1024)[0], 16, True)  # compiles the steps of cached prefixes
+    out["shared_prefix_ttft_on_s"] = shared_prefix(eng, prompts(1, 1024)[0], 16, True)
+    out["shared_prefix_speedup"] = out["shared_prefix_ttft_off_s"] / out["shared_prefix_ttft_on_s"]
+    out["pool"] = eng.pool_stats()
+    out["capacity"] = capacity_ratio(block_size, 2048)
+    return out
+
+
+def _tokenizer(m):
+    from model.formats.tokenizer import ByteTokenizer
+
+    class Tok(ByteTokenizer):  # ids beyond bytes decode to nothing: text is irrelevant here
+        vocab_size = m.config.vocab_size
+
+        def token_bytes(self, i):
+            return bytes([i]) if i < 256 else b""
+
+    return Tok()
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--formats", nargs="*", default=["bf16", "int8", "int4"], help="ours: bf16 f32 int8 int4")
@@ -188,6 +358,11 @@ def main(argv=None) -> int:
     p.add_argument("--preset", default=None, help="ours only: random weights of this preset (e.g. llama3.1-8b) "
                                                    "on the default device, no peer")
     p.add_argument("--layouts", nargs="*", default=["auto"], help="engine layouts to compare: auto scan unrolled")
+    p.add_argument("--paged", nargs="*", default=[], help="also the paged engine's concurrency measurements for "
+                                                          "these formats (steady decode at 16/64, prefill rate, "
+                                                          "interruption, shared prefix, capacity)")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--skip-batch1", action="store_true", help="only the --paged measurements (and the peer)")
     args = p.parse_args(argv)
     formats = {"f32": ("float32", None), "bf16": ("bfloat16", None), "int8": ("bfloat16", "int8"),
                "int4": ("bfloat16", "int4")}
@@ -222,7 +397,14 @@ def main(argv=None) -> int:
         emit(what="peer", impl="transformers generate", dtype=dt, **r)
     best_peer = max(peers.values()) if peers else None
     results = {}
-    for f in args.formats:
+    for f in args.paged:
+        dtype, quant = formats[f]
+        r = concurrency(ckpt, dtype, quant, args.kv_dtype, args.new_tokens, args.block_size, args.repeats)
+        flops = matmul_flops(dtype)
+        params = matmul_params(ckpt, dtype, quant)
+        emit(what="ours_paged", weights=f, **r, matmul_flops=flops,
+             prefill_fraction_of_matmul=2 * params * r["prefill_tokens_per_s"] / flops, load_avg=os.getloadavg())
+    for f in ([] if args.skip_batch1 else args.formats):
         dtype, quant = formats[f]
         results[f] = ours(ckpt, dtype, quant, prompt, args.new_tokens, args.repeats, args.concurrency,
                           args.kv_dtype, args.layouts[0])

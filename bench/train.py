@@ -1,12 +1,14 @@
 """LoRA training throughput against Hugging Face transformers + PEFT on the same CPU, same shapes.
 
-    python bench/train.py [--steps 5] [--dtype float32]
+    python bench/train.py [--steps 5] [--dtype float32] [--remat none] [--repeat 1] [--layers 8]
 
 Shape (shared/reference/anchors.md): dim 1024, 8 layers, 16 heads, 4 KV heads, ffn 3584, vocab 32768,
 LoRA r=16 (alpha 32) on q,k,v,o,gate,up,down, batch 4 x seq 512. Prints one JSON line per
 measurement: the CPU matmul rate (XLA, 2048^3), our step and the peer's step (tokens/s and achieved
 model FLOP/s, counted the same way for both: forward + activation gradients of the frozen base,
-plus attention; adapter FLOPs are negligible).
+plus attention; adapter FLOPs are negligible). `--repeat N` measures ours and the peer N times,
+alternating, and prints each ratio (the machine is shared: compare within a run). `--layers` cuts the
+depth for a quick check under load (the bench shape is 8).
 """
 
 import argparse
@@ -30,6 +32,7 @@ from train.program import StepShape, TrainProgram  # noqa: E402
 
 SHAPE = dict(vocab_size=32768, dim=1024, num_layers=8, num_heads=16, num_kv_heads=4, head_dim=64, mlp_dim=3584)
 B, T, R = 4, 512, 16
+LAYERS = SHAPE["num_layers"]
 
 
 def matmul_rate() -> float:
@@ -45,7 +48,7 @@ def matmul_rate() -> float:
 
 
 def ours(steps: int, dtype: str, remat: str) -> float:
-    cfg = model.LlamaConfig(**SHAPE, param_dtype=dtype, compute_dtype=dtype, remat=remat,
+    cfg = model.LlamaConfig(**{**SHAPE, "num_layers": LAYERS}, param_dtype=dtype, compute_dtype=dtype, remat=remat,
                             lora=LoraConfig(rank=R, alpha=2 * R))
     mesh = single_device_mesh()
     m = model.init(cfg, mesh=mesh)
@@ -77,7 +80,7 @@ def peer(steps: int, dtype: str) -> float:
     torch.set_num_threads(os.cpu_count())
     hf_cfg = transformers.LlamaConfig(
         vocab_size=SHAPE["vocab_size"], hidden_size=SHAPE["dim"], intermediate_size=SHAPE["mlp_dim"],
-        num_hidden_layers=SHAPE["num_layers"], num_attention_heads=SHAPE["num_heads"],
+        num_hidden_layers=LAYERS, num_attention_heads=SHAPE["num_heads"],
         num_key_value_heads=SHAPE["num_kv_heads"], head_dim=SHAPE["head_dim"], tie_word_embeddings=False)
     hf = transformers.LlamaForCausalLM(hf_cfg).to(getattr(torch, dtype))
     hf = peft.get_peft_model(hf, peft.LoraConfig(r=R, lora_alpha=2 * R, lora_dropout=0.0, target_modules=[
@@ -103,23 +106,31 @@ def peer(steps: int, dtype: str) -> float:
 
 
 def main():
+    global LAYERS
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--remat", default="none")
+    ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--layers", type=int, default=SHAPE["num_layers"])
     args = ap.parse_args()
-    cfg = model.LlamaConfig(**SHAPE)
+    LAYERS = args.layers
+    cfg = model.LlamaConfig(**{**SHAPE, "num_layers": LAYERS})
     flops_tok = cfg.train_flops_per_token(T, lora_only=True)
     rate = matmul_rate()
     print(json.dumps({"bench": "cpu_matmul_2048", "gflop_s": round(rate / 1e9, 1)}), flush=True)
-    results = {}
-    for name, fn in (("ours", lambda: ours(args.steps, args.dtype, args.remat)), ("hf_peft", lambda: peer(args.steps, args.dtype))):
-        tps = fn()
-        results[name] = tps
-        print(json.dumps({"bench": "lora_train_step", "impl": name, "dtype": args.dtype, "batch": B, "seq": T,
-                          "tokens_per_s": round(tps, 1), "model_gflop_s": round(tps * flops_tok / 1e9, 1),
-                          "fraction_of_matmul_rate": round(tps * flops_tok / rate, 3)}), flush=True)
-    print(json.dumps({"bench": "lora_train_ratio", "ours_over_peer": round(results["ours"] / results["hf_peft"], 2)}))
+    for r in range(args.repeat):
+        results = {}
+        for name, fn in (("ours", lambda: ours(args.steps, args.dtype, args.remat)),
+                         ("hf_peft", lambda: peer(args.steps, args.dtype))):
+            tps = fn()
+            results[name] = tps
+            print(json.dumps({"bench": "lora_train_step", "impl": name, "dtype": args.dtype, "remat": args.remat,
+                              "layers": LAYERS, "batch": B, "seq": T, "tokens_per_s": round(tps, 1),
+                              "model_gflop_s": round(tps * flops_tok / 1e9, 1),
+                              "fraction_of_matmul_rate": round(tps * flops_tok / rate, 3)}), flush=True)
+        print(json.dumps({"bench": "lora_train_ratio", "repeat": r,
+                          "ours_over_peer": round(results["ours"] / results["hf_peft"], 2)}), flush=True)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ import hashlib
 import json
 import logging
 import math
-import shutil
 import time
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from convert.layout import Stream, streams
 from convert.readers import HFReader, OrbaxReader
 from convert.source import HFSource
 from model.formats import checkpoint as ckpt
+from model.formats import paths
 from model.formats.peft import lora_pairs, read_adapters
 from model.formats.safetensors_io import SafetensorsWriter
 from model.job import distributed
@@ -103,8 +103,9 @@ def write_hf(reader, cfg: LlamaConfig, out, *, dtype: str = "bfloat16", max_shar
              job_id: dict | None = None) -> Path:
     """Writes the HF checkpoint of everything `reader` holds (plus `delta(stream, layer, a, b)` added
     to each region, for merging adapters) to directory `out`."""
-    out = Path(out)
-    work = out.with_name(out.name + ".export-tmp")
+    out = paths.as_path(out)
+    remote = paths.is_remote(out)  # no atomic rename: written in place, config.json last
+    work = out if remote else out.with_name(out.name + ".export-tmp")
     jobfile = out.with_name(out.name + ".export-job.json")
     pi, pn = jax.process_index(), jax.process_count()
     odt = np.dtype(dtype) if dtype != "bfloat16" else np.dtype(__import__("ml_dtypes").bfloat16)
@@ -123,22 +124,11 @@ def write_hf(reader, cfg: LlamaConfig, out, *, dtype: str = "bfloat16", max_shar
         [f"model-{k + 1:05d}-of-{len(files):05d}.safetensors" for k in range(len(files))]
     job = {"version": 1, "dtype": dtype, "files": {n: [t[0] for t in f] for n, f in zip(names, files)},
            "source": job_id or {}, "delta": delta is not None}
-    if out.exists():
-        if not overwrite:
-            raise FileExistsError(f"{out}: exists (pass --overwrite to replace it)")
+    finished = (out / "config.json").exists() if remote else out.exists()
+    if finished and not overwrite:
+        raise FileExistsError(f"{out}: exists (pass --overwrite to replace it)")
     if pi == 0:
-        if out.exists():
-            shutil.rmtree(out)
-        if jobfile.exists() and json.loads(jobfile.read_text()) != job:
-            if not overwrite:
-                raise FileExistsError(f"{work}: holds an unfinished export with other arguments; resume it with "
-                                      f"its own arguments, or pass --overwrite to start over")
-            shutil.rmtree(work, ignore_errors=True)
-        if not jobfile.exists():
-            shutil.rmtree(work, ignore_errors=True)
-            work.mkdir(parents=True)
-            jobfile.with_suffix(".partial").write_text(json.dumps(job, sort_keys=True))
-            jobfile.with_suffix(".partial").rename(jobfile)
+        _prepare(out if finished else None, work, jobfile, job, overwrite)
     distributed.barrier("export:prepared")
     mine = distributed.share(list(zip(names, files)), [sum(math.prod(t[1].entry.hf_shape) for t in f) for f in files],
                              pn, pi)
@@ -174,10 +164,27 @@ def write_hf(reader, cfg: LlamaConfig, out, *, dtype: str = "bfloat16", max_shar
         hf_cfg = cfg.to_hf()
         hf_cfg["torch_dtype"] = hf_cfg["dtype"] = dtype
         (work / "config.json").write_text(json.dumps(hf_cfg, indent=2))
-        work.rename(out)
+        if not remote:
+            work.rename(out)
         jobfile.unlink()
     distributed.barrier("export:committed")
     return out
+
+
+def _prepare(finished, work, jobfile, job: dict, overwrite: bool) -> None:
+    """Clears a finished output being overwritten; resumes the unfinished export of the same job, or starts one."""
+    if finished is not None:
+        finished.rmtree()
+    if jobfile.exists() and json.loads(jobfile.read_text()) != job:
+        if not overwrite:
+            raise FileExistsError(f"{work}: holds an unfinished export with other arguments; resume it with "
+                                  f"its own arguments, or pass --overwrite to start over")
+        jobfile.unlink()
+    if not jobfile.exists():
+        if work.exists():
+            work.rmtree()
+        work.mkdir(parents=True)
+        paths.write_bytes_atomic(jobfile, json.dumps(job, sort_keys=True).encode())
 
 
 def orbax_to_hf(orbax_dir, out, *, dtype: str | None = None, **kw) -> Path:

@@ -43,6 +43,7 @@ from tqdm import tqdm
 from convert.layout import Stream, streams
 from convert.source import HFSource
 from model.formats import checkpoint as ckpt
+from model.formats import paths
 from model.job import distributed
 from model.network import quant as quant_lib
 from model.network.config import LlamaConfig
@@ -218,7 +219,7 @@ def convert(hf_dir, out_dir, *, dtype: str = "bfloat16", quant=None, kv_heads: i
     if pi != 0 and not _same_job(jobdir, job):
         raise FileExistsError(f"{jobdir}: job description differs from this process's arguments")
     handles = {p: ckpt.open_array(work, t.name, write=True) for p, t in plan.targets.items()}
-    done = {p.name for p in marker_dir.iterdir()}
+    done = _markers(marker_dir)
     mine = distributed.share(plan.units, [u.nbytes for u in plan.units], pn, pi)
     todo = [u for u in mine if u.name not in done]
     who = f"process {pi}/{pn}: " if pn > 1 else ""
@@ -275,9 +276,15 @@ def _prepare(work, jobdir, job: dict) -> None:
                               f"({jf}); remove it or pass --overwrite")
     (jobdir / "done").mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
-    tmp = jobdir / "job.json.partial"
-    tmp.write_text(json.dumps(job, indent=1, sort_keys=True))
-    tmp.rename(jf)
+    paths.write_bytes_atomic(jf, json.dumps(job, indent=1, sort_keys=True).encode())
+
+
+def _markers(marker_dir) -> set[str]:
+    """Names of the tensors whose blocks are all committed (object storage has no empty directories)."""
+    try:
+        return {p.name for p in marker_dir.iterdir()}
+    except FileNotFoundError:
+        return set()
 
 
 def _kill_hook(point) -> None:
@@ -368,7 +375,7 @@ def _run(src, plan, handles, todo: list[Unit], marker_dir, *, progress: bool, de
 
 
 def _finalize(work, out, plan: Plan, marker_dir) -> None:
-    done = {p.name for p in marker_dir.iterdir()}
+    done = _markers(marker_dir)
     missing = [u.name for u in plan.units if u.name not in done]
     if missing:
         raise RuntimeError(f"{work}: {len(missing)} tensors were not written (first: {missing[0]!r}); "

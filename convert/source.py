@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import numpy as np
 
+from model.formats import hub, paths
 from model.formats.load import check_hf_tensors
 from model.formats.safetensors_io import DTYPES, CheckpointError, HFCheckpoint
 from model.network.config import LlamaConfig
@@ -25,13 +25,13 @@ _TORCH_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32", "float"
 
 class HFSource:
     def __init__(self, directory, **config_overrides):
-        self.dir = Path(directory)
-        if str(directory).startswith(("gs://", "s3://")):
-            raise CheckpointError(f"{directory}: Hugging Face directories are read from local disk only "
-                                  f"(copy it first, e.g. `gcloud storage cp -r {directory} .`); Orbax paths may be gs://")
+        """`directory`: local, gs:// (read by ranged reads, never fetched whole) or a Hub id `org/name[@rev]`."""
+        self.dir = paths.as_path(hub.resolve(directory))
+        self.remote = paths.is_remote(self.dir)
         self.ckpt = HFCheckpoint(self.dir)
-        self.config = LlamaConfig.from_hf(self.dir, **config_overrides)
-        self._hf_config = json.loads((self.dir / "config.json").read_text())
+        local = paths.local_copy(self.dir, ["config.json"])
+        self.config = LlamaConfig.from_hf(local, **config_overrides)
+        self._hf_config = json.loads((local / "config.json").read_text())
         check_hf_tensors(self.ckpt, self.config)
         self._check_dtypes()
         self._fds: dict[str, int] = {}
@@ -57,7 +57,7 @@ class HFSource:
         out = {}
         for fname in sorted(self.ckpt.files):
             sf = self.ckpt.files[fname]
-            out[fname] = {"size": (self.dir / fname).stat().st_size, "header_sha256": sf.header_sha256}
+            out[fname] = {"size": paths.size(self.dir / fname), "header_sha256": sf.header_sha256}
         return out
 
     # -- reading ---------------------------------------------------------------------------
@@ -82,11 +82,17 @@ class HFSource:
         dtype, shape, begin, _ = self.ckpt.files[fname].tensors[name]
         row = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
         n = (r1 - r0) * row
+        offset = self._data_start[fname] + begin + r0 * row
+        if self.remote:  # one ranged GET
+            data = paths.read_range(self.dir / fname, offset, n)
+            if len(data) != n:
+                raise CheckpointError(f"{self.dir / fname}: truncated while reading tensor {name!r}")
+            return np.frombuffer(data, np.uint8).view(dtype).reshape(r1 - r0, *shape[1:])
         buf = np.empty(n, np.uint8)
         fd = self._fds.get(fname)
         if fd is None:
             fd = self._fds[fname] = os.open(self.dir / fname, os.O_RDONLY)
-        offset, got = self._data_start[fname] + begin + r0 * row, 0
+        got = 0
         view = memoryview(buf)
         while got < n:
             k = os.preadv(fd, [view[got:]], offset + got)

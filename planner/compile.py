@@ -24,10 +24,11 @@ def lower_job(job: Job, mesh, programs: Programs) -> jax.stages.Lowered:
     if not job.training:
         if programs.lower_serve is None:
             raise PlanError("this planner was given no serving step to compile (Programs.lower_serve)")
-        # a prefill of `seq` tokens into each of `batch` cache slots of kv_len positions
+        # one step prefilling `seq` tokens of each of `batch` sequences (flattened) over a block pool of
+        # batch x kv_len tokens
         kv_len = job.kv_len or job.seq
-        return programs.lower_serve(cfg, mesh, batch=batch, tokens=job.seq, slots=batch, max_len=kv_len,
-                                    kv_len=kv_len, kv_dtype="auto", rules=SERVE_RULES)
+        return programs.lower_serve(cfg, mesh, tokens=batch * job.seq, seqs=batch, max_len=kv_len,
+                                    kv_tokens=batch * kv_len, kv_dtype="auto", rules=SERVE_RULES)
     return programs.lower_train(cfg, mesh, batch=batch, seq=job.seq, accum=job.accum)
 
 

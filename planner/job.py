@@ -90,5 +90,5 @@ class Programs:
 
     # (mcfg, mesh, *, batch, seq, accum) -> the training step lowered from abstract shapes
     lower_train: Callable[..., jax.stages.Lowered]
-    # serve.compile_check.lower_step: (mcfg, mesh, *, batch, tokens, slots, max_len, kv_len, kv_dtype, rules)
+    # serve.compile_check.lower_step: (mcfg, mesh, *, tokens, seqs, max_len, kv_tokens, kv_dtype, rules)
     lower_serve: Callable[..., jax.stages.Lowered] | None = None

@@ -29,12 +29,15 @@ class ModelSpec(resolve.ModelSpec):
 
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
-    max_slots: int = 8  # requests decoded together (batch slots of the KV cache)
-    max_len: int = 2048  # cache positions per slot: prompt + completion tokens of one request
-    prefill_chunk: int = 256  # prompt tokens per prefill step (longer prompts take several)
-    prefill_tokens: int = 512  # token budget of one prefill step (several short prompts batch together)
+    max_slots: int = 8  # requests running together (sequences in one step)
+    max_len: int = 2048  # the longest request: prompt + completion tokens
+    prefill_chunk: int = 256  # prompt tokens of one request per step (longer prompts take several)
+    prefill_tokens: int = 512  # token budget of one step: every running request's next token plus prompt chunks
     kv_dtype: str = "auto"  # auto (the compute dtype) | bfloat16 | float32 | float16 | int8
-    min_kv_bucket: int = 128  # the smallest attention-length bucket
+    block_size: int = 16  # tokens per block of the KV pool
+    kv_tokens: int = 0  # tokens the KV pool holds (all requests together); 0: max_slots * max_len
+    prefix_caching: bool = True  # reuse the KV blocks of prompt prefixes seen before (serve/blocks.py)
+    min_kv_bucket: int = 128  # the smallest attention-length bucket (pages per sequence x block_size)
     warmup: bool = False  # compile every decode bucket before serving
     seed: int = 0  # seeds requests that bring none
     layout: str = "auto"  # scan (stacked layers) | unrolled (per-layer weights) | auto: unrolled on one CPU
@@ -43,9 +46,11 @@ class EngineConfig:
     cpu_kernels: bool = True  # one CPU device: products and cache attention with model/network/backends/cpu_*.cc
 
     def __post_init__(self):
-        for name in ("max_slots", "max_len", "prefill_chunk", "prefill_tokens", "min_kv_bucket"):
+        for name in ("max_slots", "max_len", "prefill_chunk", "prefill_tokens", "min_kv_bucket", "block_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"engine.{name} must be >= 1, got {getattr(self, name)}")
+        if self.kv_tokens < 0:
+            raise ValueError(f"engine.kv_tokens must be >= 0 (0: max_slots * max_len), got {self.kv_tokens}")
         if self.decode_steps < 0:
             raise ValueError(f"engine.decode_steps must be >= 0 (0: auto), got {self.decode_steps}")
         if self.layout not in ("auto", "scan", "unrolled"):
@@ -53,6 +58,14 @@ class EngineConfig:
         if self.prefill_tokens < self.prefill_chunk:
             raise ValueError(f"engine.prefill_tokens ({self.prefill_tokens}) must be >= engine.prefill_chunk "
                              f"({self.prefill_chunk})")
+        if self.prefill_tokens <= self.max_slots:
+            raise ValueError(f"engine.prefill_tokens ({self.prefill_tokens}) must exceed engine.max_slots "
+                             f"({self.max_slots}): a step holds every running request's next token")
+
+    @property
+    def num_blocks(self) -> int:
+        """Blocks of the KV pool, the scratch block included."""
+        return -(-(self.kv_tokens or self.max_slots * self.max_len) // self.block_size) + 1
 
 
 @dataclasses.dataclass(frozen=True)

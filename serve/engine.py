@@ -1,20 +1,19 @@
-"""The serving engine: continuous batching over a preallocated, sharded KV cache.
+"""The serving engine: continuous batching over a paged, sharded KV cache with prefix caching.
 
     engine = Engine(model, tokenizer, EngineConfig(max_slots=8, max_len=2048))
     engine.start()                                   # a background thread runs the loop
     rid = engine.submit(prompt_ids, SamplingParams(max_tokens=64, temperature=0), emit=on_event)
-    engine.cancel(rid)                               # e.g. the client went away: the slot frees now
+    engine.cancel(rid)                               # e.g. the client went away: its blocks free now
 
-Each loop iteration (`step`):
-  1. takes new requests and cancellations; a waiting request joins as soon as a slot is free;
-  2. runs one prefill step: the next chunk of up to several prompts; a prompt's last chunk samples its
-     first token;
-  3. runs one decode step: new tokens for every request that is decoding.
-Finished requests (stop token, stop string, max_tokens, cache full) leave their slot at once.
+Each loop iteration (`step`) takes new requests and cancellations, then runs one device step over a token
+budget: the next token of every decoding request plus chunks of prompts being prefilled (a new request
+joins as soon as there is room and free blocks for its prompt; a prompt's last chunk samples its first
+token). Finished requests (stop token, stop string, max_tokens, max_len) give back their blocks at once.
 
-Which requests and chunks go into a step is the scheduler's (serve/scheduler.py); the step itself, one
-jitted function for prefill and decode compiled once per bucket, is serve/step.py; the weights' layout
-(scanned or per-layer, packed for the CPU kernels) is serve/layout.py.
+Which requests and tokens go into a step, block tables and preemption are the scheduler's
+(serve/scheduler.py, serve/blocks.py); the step itself, one jitted function compiled once per bucket, is
+serve/step.py; the pool and attention over it are model/network/kv_cache.py and paged_attention.py;
+the weights' layout (scanned or per-layer, packed for the CPU kernels) is serve/layout.py.
 
 Events (serve/events.py) go to each request's `emit` callback from the engine thread: text deltas, token
 ids, optional log-probabilities, and at the end the finish reason and token counts.
@@ -32,7 +31,7 @@ from collections.abc import Callable
 import jax
 import numpy as np
 
-from model.network import kv_cache
+from model.network import kv_cache, paged_attention
 from model.network.model import Model
 from serve import layout
 from serve.config import EngineConfig
@@ -58,10 +57,11 @@ class Engine:
         self.cache = self._new_cache()
         self.stop_ids = frozenset(tokenizer.stop_ids) | frozenset(mcfg.eos_token_ids)
         self.layout, self.cpu_kernels = layout.choose(model, cfg)
+        self.attention = paged_attention.choose(model.mesh, self.kv_dtype, mcfg.head_dim, self.cpu_kernels)
         self.weights = layout.arrange(model, self.layout, self.cpu_kernels)
         self.decode_steps = cfg.decode_steps or (4 if self.cpu_kernels else 1)
-        self.device_step = DeviceStep(Program(model.graphdef, model.mesh, self.rules, self.cpu_kernels), self.weights,
-                                      kv_cache.shardings(self.cache, model.mesh, self.rules))
+        program = Program(model.graphdef, model.mesh, self.rules, self.cpu_kernels, self.attention)
+        self.device_step = DeviceStep(program, self.weights, kv_cache.shardings(self.cache, model.mesh, self.rules))
         self.stats = collections.Counter()
         self.scheduler = Scheduler(cfg, self.stats)
         self._ids = itertools.count()
@@ -82,6 +82,10 @@ class Engine:
         if len(prompt) + params.max_tokens > self.cfg.max_len:
             raise ValueError(f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
                              f"context length {self.cfg.max_len}")
+        pool = (self.cfg.num_blocks - 1) * self.cfg.block_size
+        if len(prompt) + params.max_tokens > pool:
+            raise ValueError(f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) exceeds the KV pool "
+                             f"({pool} tokens, engine.kv_tokens)")
         vocab = self.model.config.vocab_size
         bad = [t for t in prompt if not 0 <= t < vocab]
         if bad:
@@ -132,13 +136,17 @@ class Engine:
 
     @property
     def pending(self) -> int:
-        """Requests submitted and not yet in a slot."""
+        """Requests submitted and not running."""
         return self.scheduler.pending
 
     @property
     def compiled_shapes(self) -> set[tuple[int, int, int, int, int]]:
-        """The step shapes compiled so far: (batch, tokens, attended positions, top log-probs, tokens per call)."""
+        """The step shapes compiled so far: (tokens, sequences, pages per sequence, top log-probs, tokens per call)."""
         return self.device_step.compiled_shapes
+
+    def pool_stats(self) -> dict:
+        """Blocks of the KV pool used / free / cached and the prefix cache's hit rate (of full blocks looked up)."""
+        return {"block_size": self.cfg.block_size, **self.scheduler.blocks.stats()}
 
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[dict]:
         """Runs requests to completion (in this thread when the engine thread is not running) and
@@ -175,8 +183,8 @@ class Engine:
         return results
 
     def warmup(self) -> None:
-        """Compiles the decode step for every batch and attention-length bucket, and the prefill step
-        for a full chunk at every attention length, so that no request waits for a compile."""
+        """Compiles the decode step for every sequence and page bucket, and a full step of prompt tokens at
+        every page bucket, so that no request waits for a compile."""
         t0 = time.perf_counter()
         plans = self.scheduler.warmup_plans(self.decode_steps)
         for plan in plans:
@@ -199,24 +207,18 @@ class Engine:
                 self._wake.clear()
 
     def step(self) -> bool:
-        """One iteration: intake, one prefill step, one decode step. False when there was nothing to do."""
+        """One iteration: intake, one device step. False when there was nothing to do."""
         for req in self.scheduler.intake():
             if not req.done:
                 self._finish(req, "cancelled")
-        self.scheduler.admit()
-        busy = False
-        prefilling = self.scheduler.prefilling()
-        if prefilling:
-            self._prefill(prefilling)
-            busy = True
-        decoding = self.scheduler.decoding()
-        if decoding:
-            self._decode(decoding)
-            busy = True
-        return busy
+        reqs, counts, steps = self.scheduler.schedule(self.decode_steps)
+        if not reqs:
+            return False
+        self._step_requests(reqs, counts, steps)
+        return True
 
     def _new_cache(self):
-        return kv_cache.create(self.model.config, self.cfg.max_slots, self.cfg.max_len, self.kv_dtype,
+        return kv_cache.create(self.model.config, self.cfg.num_blocks, self.cfg.block_size, self.kv_dtype,
                                self.model.mesh, self.rules)
 
     def _finish(self, req: Request, reason: str, text: str = "", tokens=(), logprobs=None, error=None, ttft=None):
@@ -236,6 +238,7 @@ class Engine:
         for r in list(self.scheduler.requests.values()):
             self._finish(r, "error", error=message)
         self.cache = self._new_cache()  # a failed donated call may have eaten it
+        self.scheduler.reset_blocks()
 
     # ------------------------------------------------------------------------------------------
     # device steps
@@ -245,62 +248,59 @@ class Engine:
         out, self.cache = self.device_step(self.cache, plan.batch, plan.shape)
         return out
 
-    def _plan(self, build: Callable[[list[Request]], Plan], reqs: list[Request]) -> Plan | None:
-        """build(reqs), or, when that fails, build over the requests whose own inputs can be built (the others
-        end with an error, alone); None when none is left."""
+    def _plan(self, reqs: list[Request], counts: list[int], steps: int) -> Plan | None:
+        """The step's inputs, or, when building them fails, those of the requests whose own inputs can be built
+        (the others end with an error, alone); None when none is left."""
         try:
-            return build(reqs)
+            return self.scheduler.plan(reqs, counts, steps)
         except Exception:
             log.exception("building a step's inputs failed; retrying request by request")
         good = []
-        for r in reqs:
+        for r, c in zip(reqs, counts):
             try:
-                build([r])
-                good.append(r)
+                self.scheduler.plan([r], [c], steps)
+                good.append((r, c))
             except Exception as e:
                 self._finish(r, "error", error=f"invalid request inputs: {type(e).__name__}: {e}")
         if len(good) == len(reqs):  # each builds alone, not together: one at a time
             good = good[:1]
-        return self._plan(build, good) if good else None
+        return self._plan([r for r, _ in good], [c for _, c in good], steps) if good else None
 
-    def _guarded_step(self, plan: Plan) -> list[np.ndarray] | None:
-        """_run_step, or None when it failed: the step's requests end with an error, the others go on (unless
-        the failed call consumed the donated cache: then the cache is rebuilt and what it held is lost)."""
+    def _step_requests(self, reqs: list[Request], counts: list[int], steps: int):
+        """One device step over `reqs`. When it fails, each request is retried alone (if the donated pool
+        survived), so only the requests whose own step fails end with an error; a lost pool ends them all."""
+        plan = self._plan(reqs, counts, steps)
+        if plan is None:
+            return
         try:
-            return self._run_step(plan)
+            out = self._run_step(plan)
         except Exception as e:
             log.exception("engine step failed (%d request(s))", len(plan.reqs))
+            lost = any(x.is_deleted() for x in jax.tree.leaves(self.cache) if hasattr(x, "is_deleted"))
+            if not lost and len(plan.reqs) > 1:
+                for r, c in zip(plan.reqs, plan.counts):
+                    if r.running and not r.done:
+                        self._step_requests([r], [c], 1)
+                return
             message = f"engine error: {type(e).__name__}: {e}"
             for r in plan.reqs:
                 if not r.done:
                     self._finish(r, "error", error=message)
-            if any(x.is_deleted() for x in jax.tree.leaves(self.cache) if hasattr(x, "is_deleted")):
+            if lost:
                 self._fail_all(message)
-            return None
-
-    def _prefill(self, candidates: list[Request]):
-        plan = self._plan(self.scheduler.plan_prefill, candidates)
-        out = None if plan is None else self._guarded_step(plan)
-        if out is None:
             return
-        self.stats["prefill_steps"] += 1
-        for b, r in enumerate(plan.reqs):
-            self.stats["prefill_tokens"] += plan.ends[b] - r.prefilled
-            r.prefilled = plan.ends[b]
-            if r.prefilled == len(r.prompt):  # the prompt is in: its last position's sample is token 1
-                self._accept(r, *(o[0, b] for o in out))
-
-    def _decode(self, reqs: list[Request]):
-        plan = self._plan(lambda rs: self.scheduler.plan_decode(rs, self.decode_steps), reqs)
-        out = None if plan is None else self._guarded_step(plan)
-        if out is None:
-            return
-        self.stats["decode_steps"] += 1
-        self.stats["decode_rows"] += len(plan.reqs)
+        self.stats["steps"] += 1
+        self.stats["step_rows"] += len(plan.reqs)
+        for i, r in enumerate(plan.reqs):
+            self.stats["decode_tokens" if r.decoding else "prefill_tokens"] += plan.counts[i]
+        samples = [plan.samples(i) for i in range(len(plan.reqs))]
         for j in range(plan.shape.steps):
-            for b, r in enumerate(plan.reqs):
-                if not r.done:
-                    self._accept(r, *(o[j, b] for o in out))
+            for i, r in enumerate(plan.reqs):
+                if r.done or not r.running:
+                    continue
+                self.scheduler.computed(r, plan.counts[i] if j == 0 else 1)
+                if samples[i]:
+                    self._accept(r, *(o[j, i] for o in out))
 
     def _accept(self, r: Request, tok, lp, top_ids, top_lp):
         """A sampled token for request r (a failure ends r alone, with an error)."""
@@ -330,8 +330,8 @@ class Engine:
                 finish = "stop"
         if finish is None and len(r.generated) >= r.params.max_tokens:
             finish = "length"
-        if finish is None and r.length + 1 >= self.cfg.max_len:
-            finish = "length"  # the slot is full
+        if finish is None and r.total >= self.cfg.max_len:
+            finish = "length"  # the request's context is full
         if finish is not None and not stop_hit:
             text += r.text.flush()
         logprobs = None

@@ -83,7 +83,7 @@ class API:
     def health(self) -> dict:
         e = self.engine
         return {"status": "ok", "model": self.model_name, "active": e.active, "waiting": e.pending,
-                "compiled_steps": len(e.compiled_shapes)}
+                "compiled_steps": len(e.compiled_shapes), "kv_pool": e.pool_stats()}
 
     def models(self) -> dict:
         return {"object": "list", "data": [self._model_card()]}
@@ -156,6 +156,8 @@ class API:
         except UnicodeError as e:
             raise APIError(400, f"The text cannot be tokenized ({type(e).__name__}).", param=param,
                            code="invalid_value") from None
+        except ValueError as e:  # the chat template refused the messages (raise_exception, a bad role, …)
+            raise APIError(400, str(e), param=param, code="invalid_value") from None
 
     def check_limits(self, body: GenerationRequest, max_tokens: int | None, param: str):
         """The bounds of every sampling value, before any work: the model's vocabulary and context, int64 seeds,

@@ -1,14 +1,22 @@
-"""Which requests run in the engine's next steps, and their host inputs.
+"""Which requests run in the engine's next step, with which tokens, and their host inputs.
 
-The KV cache has `max_slots` slots of `max_len` positions (model/network/kv_cache.py). Submitted requests
-go through a thread-safe inbox to a waiting queue; a waiting request takes a slot as soon as one is free
-and leaves it when it finishes or is cancelled. A prefill step takes the next chunk (<= prefill_chunk
-tokens) of up to several prompts, packed into one [B, T] batch within a token budget (prefill_tokens), so a
-long prompt takes several steps and never stalls the decoding slots for long. A decode step takes every
-request that is decoding: `decode_steps` tokens per call while no prompt waits, else one.
+The KV cache is a pool of blocks (model/network/kv_cache.py; who holds which and the prefix cache:
+serve/blocks.py). Submitted requests go through a thread-safe inbox to a waiting queue. Each step has a
+token budget (`prefill_tokens`): first the next token of every running request that is decoding, then
+chunks (<= prefill_chunk tokens each) of the prompts being prefilled, then new requests from the queue, in
+order, while there is budget, room (`max_slots` running) and free blocks for the whole prompt (cached
+prefix blocks are taken, not recomputed). So decoding never stalls behind a long prompt, and a prompt
+never waits for decoding to end. A decoding request that needs a block when none is free preempts the
+newest running request: its blocks go back to the pool and it waits at the head of the queue; when it
+runs again its tokens so far (prompt and generated) are recomputed, and it goes on exactly where it was.
+When nothing waits and every running request is decoding, one call runs `decode_steps` tokens each.
 
-Step shapes come from buckets: B a power of two up to max_slots, T = 1 for decode or a power of two up to
-prefill_chunk, and the attended cache length a power of two from min_kv_bucket up to max_len.
+A request's tokens are its prompt followed by what it generated; `computed` of them have their keys and
+values in the pool. The step that computes a request's last known token samples its next one.
+
+Step shapes come from buckets: T (tokens) a power of two from 16 up to prefill_tokens (decode-only steps:
+T = S), S (sequences) a power of two up to max_slots, P (pages per sequence) a power of two from
+min_kv_bucket / block_size up to the pages of max_len.
 """
 
 from __future__ import annotations
@@ -22,7 +30,9 @@ from collections.abc import Callable
 
 import numpy as np
 
+from model.network.paged_attention import PagedMeta
 from serve import sampling
+from serve.blocks import BlockManager
 from serve.config import EngineConfig
 from serve.events import Event, TextStream
 from serve.sampling import SamplingParams, SamplingRows
@@ -38,16 +48,25 @@ class Request:
     seed: int
     text: TextStream | None
     submitted: float = dataclasses.field(default_factory=time.perf_counter)
-    slot: int = -1
-    prefilled: int = 0  # prompt tokens in the cache
     generated: list[int] = dataclasses.field(default_factory=list)
     first_token_at: float | None = None
     done: bool = False
+    running: bool = False
+    computed: int = 0  # tokens (prompt, then generated) whose keys/values are in the pool
+    blocks: list[int] = dataclasses.field(default_factory=list)  # its block table
+    keys: list[bytes] = dataclasses.field(default_factory=list)  # prefix-cache keys of its first full blocks
 
     @property
-    def length(self) -> int:
-        """Tokens in the cache (the last sampled token is written by the next decode step)."""
-        return self.prefilled + max(len(self.generated) - 1, 0)
+    def total(self) -> int:
+        return len(self.prompt) + len(self.generated)
+
+    def tokens(self, start: int, end: int) -> list[int]:
+        p = len(self.prompt)
+        return self.prompt[start:end] + self.generated[max(start - p, 0):max(end - p, 0)]
+
+    @property
+    def decoding(self) -> bool:
+        return bool(self.generated) and self.computed == self.total - 1
 
 
 def bucket(n: int, lo: int, hi: int) -> int:
@@ -67,39 +86,33 @@ def buckets(lo: int, hi: int) -> list[int]:
 
 @dataclasses.dataclass
 class Plan:
-    """One step: its requests (the batch's first rows; the rest is padding), inputs and static shape."""
+    """One step: its requests (in token order), how many tokens each computes, and its inputs."""
 
     reqs: list[Request]
+    counts: list[int]
     batch: Batch
     shape: StepShape
-    ends: list[int] = dataclasses.field(default_factory=list)  # prefill: each request's prompt tokens in the cache after
 
-
-def make_plan(reqs: list[Request], tokens, positions, segments, last, counters: list[int], kv_len: int,
-              steps: int = 1) -> Plan:
-    """A step over rows `reqs` with these [B, T] / [B] host arrays (B, the batch bucket, >= len(reqs))."""
-    pad = tokens.shape[0] - len(reqs)
-    params = [r.params for r in reqs] + [None] * pad
-    rows = np.array([r.slot for r in reqs] + [reqs[0].slot] * pad, np.int32)
-    seeds = [r.seed for r in reqs] + [0] * pad
-    rows_sampling = SamplingRows.host(params, seeds, list(counters) + [0] * pad)
-    want = max((r.params.logprobs or 0) for r in reqs)
-    num_top = 0 if want == 0 else sampling.MAX_TOP_LOGPROBS
-    return Plan(reqs, Batch(tokens, positions, segments, rows, last, rows_sampling), StepShape(kv_len, num_top, steps))
+    def samples(self, i: int) -> bool:
+        """Whether request i's tokens end at its last known token (then its sample is its next token)."""
+        return self.reqs[i].computed + self.counts[i] == self.reqs[i].total
 
 
 class Scheduler:
-    """The requests of an engine, from submission to their slot's release. `put`, `cancel`, `active` and
-    `pending` are thread-safe; the rest runs on the engine's thread."""
+    """The requests of an engine, from submission to release. `put`, `cancel`, `active` and `pending` are
+    thread-safe; the rest runs on the engine's thread."""
 
     def __init__(self, cfg: EngineConfig, stats: collections.Counter):
         self.cfg, self.stats = cfg, stats
-        self.slots: list[Request | None] = [None] * cfg.max_slots
+        self.blocks = BlockManager(cfg.num_blocks, cfg.block_size, cfg.prefix_caching)
+        self.running: list[Request] = []  # in order of admission
         self.waiting: collections.deque[Request] = collections.deque()
         self.requests: dict[str, Request] = {}  # taken in, not finished
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._inflight = 0  # submitted, not yet taken in
+        self.max_pages = -(-cfg.max_len // cfg.block_size)
+        self.min_pages = min(-(-cfg.min_kv_bucket // cfg.block_size), self.max_pages)
 
     def put(self, req: Request):
         with self._lock:
@@ -111,11 +124,11 @@ class Scheduler:
 
     @property
     def active(self) -> int:
-        return sum(r is not None for r in self.slots)
+        return len(self.running)
 
     @property
     def pending(self) -> int:
-        """Requests submitted and not yet in a slot."""
+        """Requests submitted and not running."""
         return len(self.waiting) + self._inflight
 
     def intake(self) -> list[Request]:
@@ -137,18 +150,11 @@ class Scheduler:
                 if req is not None and not req.done and req not in cancelled:
                     cancelled.append(req)
 
-    def admit(self):
-        for i, r in enumerate(self.slots):
-            if r is None and self.waiting:
-                req = self.waiting.popleft()
-                req.slot = i
-                self.slots[i] = req
-
     def release(self, req: Request):
-        """A finished request leaves its slot (or the queue)."""
-        if req.slot >= 0:
-            self.slots[req.slot] = None
-            req.slot = -1
+        """A finished request gives back its blocks (or leaves the queue)."""
+        if req.running:
+            self.running.remove(req)
+            self._free(req)
         else:
             try:
                 self.waiting.remove(req)
@@ -156,72 +162,124 @@ class Scheduler:
                 pass
         self.requests.pop(req.id, None)
 
-    def prefilling(self) -> list[Request]:
-        """Requests in a slot with prompt tokens not yet in the cache, oldest first."""
-        return sorted((r for r in self.slots if r is not None and r.prefilled < len(r.prompt)),
-                      key=lambda r: r.submitted)
+    def reset_blocks(self):
+        """The pool was lost (a failed step): every request has been released; forget the cache."""
+        self.blocks.reset()
 
-    def decoding(self) -> list[Request]:
-        return [r for r in self.slots if r is not None and r.prefilled == len(r.prompt) and r.generated]
+    def _free(self, req: Request):
+        self.blocks.release(req.blocks)
+        req.blocks, req.keys, req.computed, req.running = [], [], 0, False
 
-    def plan_prefill(self, candidates: list[Request]) -> Plan:
-        """The next prompt chunks of the first candidates that fit the token budget."""
+    def _grow(self, req: Request, tokens: int, preempt: bool = True) -> bool:
+        """Blocks for `tokens` of req; while none is free, the newest running request is preempted (unless not
+        `preempt`). False when there are none, or req itself was preempted."""
+        while len(req.blocks) < self.blocks.blocks_for(tokens):
+            if not self.blocks.free:
+                if not preempt:
+                    return False
+                victim = self.running.pop()
+                self._free(victim)
+                self.waiting.appendleft(victim)
+                self.stats["preemptions"] += 1
+                if victim is req:
+                    return False
+                continue
+            req.blocks.append(self.blocks.allocate())
+        return True
+
+    def _admit(self, req: Request) -> bool:
+        """Blocks for all of req's tokens (cached prefix blocks first); False (nothing taken) if they are not free."""
+        tokens = req.tokens(0, req.total)
+        matched, keys = self.blocks.lookup(tokens)
+        need = self.blocks.blocks_for(req.total) - len(matched)
+        if need > self.blocks.free:
+            self.blocks.unlookup(matched, len(tokens))
+            return False
+        req.blocks, req.keys = matched, keys
+        req.computed = len(matched) * self.cfg.block_size
+        req.blocks += [self.blocks.allocate() for _ in range(need)]
+        req.running = True
+        self.running.append(req)
+        self.stats["prefix_cached_tokens"] += req.computed
+        return True
+
+    def schedule(self, decode_steps: int) -> tuple[list[Request], list[int], int]:
+        """The next step: (requests in token order, tokens each, tokens per call)."""
         cfg = self.cfg
-        chosen, T = [], 0
-        for r in candidates:
-            n = min(len(r.prompt) - r.prefilled, cfg.prefill_chunk)
-            t = bucket(max(T, n), 16, cfg.prefill_chunk)
-            if chosen and (bucket(len(chosen) + 1, 1, cfg.max_slots) * t > cfg.prefill_tokens):
-                break
-            chosen.append(r)
-            T = t
-        B = bucket(len(chosen), 1, cfg.max_slots)
-        tokens = np.zeros((B, T), np.int32)
-        positions = np.zeros((B, T), np.int32)
-        segments = np.zeros((B, T), np.int32)
-        last = np.zeros((B,), np.int32)
-        ends = []
-        for b, r in enumerate(chosen):
-            n = min(len(r.prompt) - r.prefilled, T)
-            tokens[b, :n] = r.prompt[r.prefilled:r.prefilled + n]
-            positions[b, :] = r.prefilled + np.arange(T)
-            segments[b, :n] = 1
-            last[b] = n - 1
-            ends.append(r.prefilled + n)
-        kv_len = bucket(max(ends), cfg.min_kv_bucket, cfg.max_len)
-        plan = make_plan(chosen, tokens, positions, segments, last, [0] * len(chosen), kv_len)
-        plan.ends = ends
-        return plan
+        decoders = [r for r in list(self.running) if r.running and r.decoding and self._grow(r, r.total)]
+        decoders = [r for r in decoders if r.running]
+        budget = cfg.prefill_tokens - len(decoders)
+        chunks, counts = [], []
 
-    def plan_decode(self, reqs: list[Request], decode_steps: int) -> Plan:
-        """One call: `decode_steps` tokens per request when nothing is waiting to be prefilled (tokens after
-        a request's end are dropped), else one, so that a new prompt starts at the next call."""
-        cfg = self.cfg
-        B = bucket(len(reqs), 1, cfg.max_slots)
-        busy = self.pending or any(r is not None and r.prefilled < len(r.prompt) for r in self.slots)
-        steps = 1 if busy else decode_steps
-        tokens = np.zeros((B, 1), np.int32)
-        positions = np.zeros((B, 1), np.int32)
-        segments = np.zeros((B, 1), np.int32)
-        for b, r in enumerate(reqs):
-            tokens[b, 0] = r.generated[-1]
-            positions[b, 0] = r.length
-            segments[b, 0] = 1
-        kv_len = bucket(int(positions.max()) + steps, cfg.min_kv_bucket, cfg.max_len)
-        return make_plan(reqs, tokens, positions, segments, np.zeros((B,), np.int32),
-                         [len(r.generated) for r in reqs], kv_len, steps)
+        def take(r: Request):
+            nonlocal budget
+            n = min(r.total - r.computed, cfg.prefill_chunk, budget)
+            chunks.append(r)
+            counts.append(n)
+            budget -= n
+
+        for r in list(self.running):
+            if budget > 0 and not r.decoding:
+                take(r)
+        while budget > 0 and self.waiting and len(self.running) < cfg.max_slots and self._admit(self.waiting[0]):
+            take(self.waiting.popleft())
+        steps = 1
+        if decoders and not chunks and not self.waiting and decode_steps > 1:
+            steps = decode_steps
+            for r in decoders:  # blocks for every token of the call, or one token per call
+                cap = min(len(r.prompt) + r.params.max_tokens, cfg.max_len)
+                if not self._grow(r, min(r.total + steps - 1, cap), preempt=False):
+                    steps = 1
+        return decoders + chunks, [1] * len(decoders) + counts, steps
+
+    def computed(self, req: Request, n: int):
+        """n more of req's tokens are in the pool: its newly full blocks go to the prefix cache."""
+        req.computed += n
+        bs = self.cfg.block_size
+        if len(req.keys) < req.computed // bs:
+            start = len(req.keys) * bs
+            self.blocks.register(req.blocks, req.keys, [0] * start + req.tokens(start, req.computed), req.computed)
+
+    def plan(self, reqs: list[Request], counts: list[int], steps: int = 1) -> Plan:
+        """The step's host inputs: a ragged batch in buckets."""
+        cfg, bs = self.cfg, self.cfg.block_size
+        S = bucket(len(reqs), 1, cfg.max_slots)
+        T = S if all(c == 1 for c in counts) else bucket(sum(counts), 16, cfg.prefill_tokens)
+        P = bucket(max(len(r.blocks) for r in reqs), self.min_pages, self.max_pages)
+        tokens, positions, slots = (np.zeros(T, np.int32) for _ in range(3))
+        kv_lens, last = np.zeros(S, np.int32), np.zeros(S, np.int32)
+        pages, cu = np.zeros((S, P), np.int32), np.zeros(S + 1, np.int32)
+        t = 0
+        for i, (r, c) in enumerate(zip(reqs, counts)):
+            pos = np.arange(r.computed, r.computed + c)
+            tokens[t:t + c] = r.tokens(r.computed, r.computed + c)
+            positions[t:t + c] = pos
+            table = np.asarray(r.blocks, np.int32)
+            slots[t:t + c] = table[pos // bs] * bs + pos % bs
+            pages[i, :len(table)] = table
+            kv_lens[i] = r.computed + c
+            t += c
+            cu[i + 1:] = t
+            last[i] = t - 1
+        meta = PagedMeta(slots, kv_lens, pages, cu, np.array([len(reqs)], np.int32))
+        pad = S - len(reqs)
+        rows = SamplingRows.host([r.params for r in reqs] + [None] * pad, [r.seed for r in reqs] + [0] * pad,
+                                 [len(r.generated) for r in reqs] + [0] * pad)
+        want = max((r.params.logprobs or 0) for r in reqs)
+        shape = StepShape(0 if want == 0 else sampling.MAX_TOP_LOGPROBS, steps)
+        return Plan(reqs, counts, Batch(tokens, positions, meta, last, rows), shape)
 
     def warmup_plans(self, decode_steps: int) -> list[Plan]:
-        """A plan per step shape serving will need: decode at every batch and attention-length bucket, and
-        a full prefill chunk at every attention length (segment 0 everywhere: nothing is written)."""
+        """A plan per step shape serving will need: decode at every sequence and page bucket, and a full step
+        of prompt tokens at every page bucket (everything is written to the scratch block)."""
         cfg = self.cfg
-        kvs = buckets(cfg.min_kv_bucket, cfg.max_len)
-        steps = sorted({1, decode_steps})
-        shapes = [(B, 1, kv, n) for B in buckets(1, cfg.max_slots) for kv in kvs for n in steps]
-        shapes += [(1, bucket(cfg.prefill_chunk, 16, cfg.prefill_chunk), kv, 1) for kv in kvs]
+        pages = buckets(self.min_pages, self.max_pages)
+        shapes = [(S, S, P, n) for S in buckets(1, cfg.max_slots) for P in pages for n in sorted({1, decode_steps})]
+        shapes += [(bucket(cfg.prefill_tokens, 16, cfg.prefill_tokens), 1, P, 1) for P in pages]
         plans = []
-        for B, T, kv, n in shapes:
-            z = np.zeros((B, T), np.int32)
-            dummy = Request("warmup", [0], SamplingParams(), lambda ev: None, 0, None, slot=0)
-            plans.append(make_plan([dummy] * B, z, z, z, np.zeros((B,), np.int32), [0] * B, kv, n))
+        for T, S, P, n in shapes:
+            z, zs = np.zeros(T, np.int32), np.zeros(S, np.int32)
+            meta = PagedMeta(z, zs, np.zeros((S, P), np.int32), np.zeros(S + 1, np.int32), np.zeros(1, np.int32))
+            rows = SamplingRows.host([None] * S, [0] * S, [0] * S)
+            plans.append(Plan([], [], Batch(z, z, meta, zs, rows), StepShape(0, n)))
         return plans

@@ -1,12 +1,14 @@
-"""The engine's device step: one jitted function for prefill and decode,
+"""The engine's device step: one jitted function for every step (prompt chunks and decode tokens together),
 
-    (weights, cache, Batch) -> ((tokens, log-probs, top ids, top log-probs), cache)
+    (weights, pool, Batch) -> ((tokens, log-probs, top ids, top log-probs), pool)
 
-with the cache donated (updated in place). `Batch` holds the per-row inputs (a pytree of [B, T] and [B]
-arrays); `StepShape` the static ones (attended cache length, top log-probs, tokens per call), and
-`Program` what is fixed for an engine (the network, its mesh and rules, whether the CPU kernels run).
-The batch's shapes come from buckets (serve/scheduler.py), so `DeviceStep` compiles once per bucket,
-never per request; `compiled_shapes` lists the buckets seen.
+with the KV pool (model/network/kv_cache.py `KVPool`) donated (updated in place). `Batch` holds one
+ragged step: T tokens of S sequences flattened into one row, each sequence's query tokens the last of its
+keys, which sit in the pool's blocks (model/network/paged_attention.py `PagedMeta`); each sequence
+samples one token at its last query token. `StepShape` holds the static inputs (top log-probs, tokens per
+call) and `Program` what is fixed for an engine (the network, its mesh and rules, which kernels run).
+T, S and the pages per sequence come from buckets (serve/scheduler.py), so `DeviceStep` compiles once
+per bucket, never per request; `compiled_shapes` lists the buckets seen.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import numpy as np
 from flax import nnx
 
 from model.network import kv_cache
+from model.network.paged_attention import PagedMeta
 from serve import layout
 from serve.sampling import SamplingRows
 from sharding.rules import use_mesh
@@ -30,33 +33,45 @@ log = logging.getLogger("serve.step")
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Batch:
-    """One step's rows. B rows (the batch bucket; rows past the requests are padding) of T new tokens."""
+    """One step: T tokens (a bucket; padding at the end) of S sequences (a bucket; padding rows last)."""
 
-    tokens: jax.Array  # [B, T] int32
-    positions: jax.Array  # [B, T] int32: each token's position in its slot
-    segments: jax.Array  # [B, T] int32: 1 for a token, 0 for padding (nothing is written to the cache)
-    rows: jax.Array  # [B] int32: each row's cache slot
-    last: jax.Array  # [B] int32: the token whose logits are sampled
-    sampling: SamplingRows
+    tokens: jax.Array  # [T] int32
+    positions: jax.Array  # [T] int32: each token's position in its sequence
+    meta: PagedMeta  # where the tokens write, what each sequence attends to
+    last: jax.Array  # [S] int32: each sequence's last token in this step (its logits are sampled)
+    sampling: SamplingRows  # [S]
 
     @classmethod
-    def abstract(cls, B: int, T: int) -> Batch:
-        bt, b = jax.ShapeDtypeStruct((B, T), jnp.int32), jax.ShapeDtypeStruct((B,), jnp.int32)
-        return cls(bt, bt, bt, b, b, SamplingRows.abstract(B))
+    def abstract(cls, T: int, S: int, P: int) -> Batch:
+        t, s = jax.ShapeDtypeStruct((T,), jnp.int32), jax.ShapeDtypeStruct((S,), jnp.int32)
+        return cls(t, t, PagedMeta.abstract(T, S, P), s, SamplingRows.abstract(S))
 
-    def next(self, tokens_B) -> Batch:
-        """The decode batch one token later: the sampled tokens are the new inputs."""
-        return dataclasses.replace(self, tokens=tokens_B[:, None], positions=self.positions + 1,
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(T, S, P)."""
+        return self.tokens.shape[0], self.last.shape[0], self.meta.page_indices.shape[1]
+
+    def next(self, tokens_S, block_size: int) -> Batch:
+        """A decode step (one token per sequence, T == S) one token later: the sampled tokens are the new
+        inputs, written one position further (to the scratch block past a sequence's pages)."""
+        m = self.meta
+        live = m.kv_lens > 0
+        positions = self.positions + 1
+        page = positions // block_size
+        P = m.page_indices.shape[1]
+        blk = jnp.take_along_axis(m.page_indices, jnp.minimum(page, P - 1)[:, None], axis=1)[:, 0]
+        slots = jnp.where(live & (page < P), blk * block_size + positions % block_size, 0)
+        meta = dataclasses.replace(m, slot_mapping=slots.astype(jnp.int32), kv_lens=m.kv_lens + live)
+        return dataclasses.replace(self, tokens=tokens_S, positions=positions, meta=meta,
                                    sampling=self.sampling.next())
 
 
 @dataclasses.dataclass(frozen=True)
 class StepShape:
-    """The static inputs: one compiled program per value (with the batch's B and T)."""
+    """The static inputs: one compiled program per value (with the batch's T, S and P)."""
 
-    kv_len: int  # cache positions attended over
     num_top: int = 0  # top log-probs computed per token
-    steps: int = 1  # tokens per row per call (decode only): each sampled token is fed back as the next input
+    steps: int = 1  # tokens per sequence per call (decode only): each sampled token is fed back as the next input
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,21 +81,22 @@ class Program:
     graphdef: nnx.GraphDef
     mesh: jax.sharding.Mesh
     rules: object
-    cpu_kernels: bool = False  # products and cache attention by the CPU kernels (serve/layout.py)
+    cpu_kernels: bool = False  # products by the CPU kernels (serve/layout.py)
+    attention: str = "xla"  # the paged attention implementation (model/network/paged_attention.py)
 
 
 def step_fn(program: Program, weights, cache, batch: Batch, shape: StepShape):
-    """The engine's one step (prefill chunk or decode): writes the new tokens' keys/values to `cache`, samples
-    one token per row at `batch.last`; returns ((tokens, their log-probs, top ids, top log-probs), cache).
-    `weights` is in a layout of serve/layout.py. `shape.steps` > 1 (decode only): that many tokens per row,
-    each sampled token fed back as the next input; the outputs get a leading [steps] axis."""
+    """The engine's one step: writes the new tokens' keys/values to the pool, samples one token per sequence
+    at `batch.last`; returns ((tokens, their log-probs, top ids, top log-probs), pool). `weights` is in a
+    layout of serve/layout.py. `shape.steps` > 1 (decode only): that many tokens per sequence, each sampled
+    token fed back as the next input; the outputs get a leading [steps] axis."""
     layers = layout.block_layers(weights)
     with use_mesh(program.mesh, program.rules):
         module = nnx.merge(program.graphdef, layout.module_state(weights))
 
         def one(cache, batch: Batch):
-            update = kv_cache.CacheUpdate(cache, batch.rows, shape.kv_len, layers, cpu_kernels=program.cpu_kernels)
-            logits, cache = module(batch.tokens, batch.positions, batch.segments, cache=update, logits_at=batch.last)
+            update = kv_cache.CacheUpdate(cache, batch.meta, program.attention, layers)
+            logits, cache = module(batch.tokens[None], batch.positions[None], cache=update, logits_at=batch.last)
             return batch.sampling.sample(logits[:, 0], shape.num_top), cache
 
         if shape.steps == 1:
@@ -90,12 +106,12 @@ def step_fn(program: Program, weights, cache, batch: Batch, shape: StepShape):
         for _ in range(shape.steps):  # unrolled: in a while loop XLA:CPU copied the cache at every layer's write
             out, cache = one(cache, batch)
             outs.append(out)
-            batch = batch.next(out[0])
+            batch = batch.next(out[0], cache.block_size)
     return tuple(jnp.stack(o) for o in zip(*outs)), cache
 
 
 class DeviceStep:
-    """`step_fn` jitted for one engine's weights and cache, and the shapes it compiled."""
+    """`step_fn` jitted for one engine's weights and pool, and the shapes it compiled."""
 
     def __init__(self, program: Program, weights, cache_shardings):
         self.program = program
@@ -103,18 +119,17 @@ class DeviceStep:
         self.weight_leaves, self._weight_tree = jax.tree.flatten(weights)
         self.jitted = jax.jit(self._fn, static_argnames="shape", donate_argnames="cache",
                               out_shardings=(None, cache_shardings))
-        self.compiled_shapes: set[tuple[int, int, int, int, int]] = set()  # (B, T, kv_len, num_top, steps)
+        self.compiled_shapes: set[tuple[int, int, int, int, int]] = set()  # (T, S, P, num_top, steps)
 
     def _fn(self, weight_leaves, cache, batch: Batch, shape: StepShape):
         return step_fn(self.program, jax.tree.unflatten(self._weight_tree, weight_leaves), cache, batch, shape)
 
     def __call__(self, cache, batch: Batch, shape: StepShape) -> tuple[list[np.ndarray], object]:
-        """(host outputs [steps, B, ...], the new cache)."""
-        B, T = batch.tokens.shape
-        key = (B, T, shape.kv_len, shape.num_top, shape.steps)
+        """(host outputs [steps, S, ...], the new pool)."""
+        key = (*batch.shape, shape.num_top, shape.steps)
         if key not in self.compiled_shapes:
             self.compiled_shapes.add(key)
-            log.info("compiling step for batch %d x %d tokens, attention over %d positions%s%s", *key[:3],
+            log.info("compiling step for %d tokens of %d sequences, %d pages each%s%s", *key[:3],
                      f", top {shape.num_top} logprobs" if shape.num_top else "",
                      f", {shape.steps} tokens per call" if shape.steps > 1 else "")
         out, cache = self.jitted(self.weight_leaves, cache, batch, shape)

@@ -23,7 +23,7 @@ import math
 import jax
 import numpy as np
 from jax.experimental import mesh_utils
-from jax.sharding import Mesh
+from jax.sharding import AxisType, Mesh
 
 from sharding import topology
 
@@ -117,6 +117,15 @@ def abstract_mesh(spec: str | dict | None, num_devices: int):
     """A device-less mesh of the same shape (for analytic shard sizes where no devices exist, e.g. GPUs)."""
     sizes = axis_sizes(spec, num_devices)
     return jax.sharding.AbstractMesh(tuple(sizes[a] for a in AXES), AXES)
+
+
+def auto_axes(mesh: Mesh) -> Mesh:
+    """The same mesh with every axis of type Auto. `jax.make_mesh` makes Explicit axes by default, under
+    which each gather and dot must be told its output sharding; the model places arrays by the rules table
+    and sharding constraints instead, so meshes are converted here, where they enter (load, init, Model)."""
+    if all(t == AxisType.Auto for t in mesh.axis_types):
+        return mesh
+    return Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
 
 
 def single_device_mesh() -> Mesh:

@@ -33,6 +33,8 @@ RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("batch", ("data", "fsdp")),
     ("length", ("sequence",)),
     ("cache_length", ("sequence",)),
+    ("kv_blocks", ()),  # the serving block pool (model/network/kv_cache.py): blocks and their tokens
+    ("block", ()),
     ("layers", ()),
     ("vocab", ("tensor",)),
     ("embed", ("fsdp", "sequence")),

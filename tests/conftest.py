@@ -1,14 +1,55 @@
-"""Tests run on CPU with 8 forced host devices, so every sharding path runs without an accelerator."""
+"""Tests run on CPU with 8 forced host devices, so every sharding path runs without an accelerator.
+
+Compiled programs are kept in a persistent XLA cache (~/.cache/llama-jax-tests/xla, or
+$LLAMA_JAX_TEST_XLA_CACHE), set through the environment so the `python -m train|serve|convert`
+subprocesses of the tests share it. With LLAMA_JAX_NO_SKIPS=1 (.ci/run sets it where libtpu and a C++
+compiler are installed) a skipped test is a failure: a broken API must not pass as a skip."""
 
 import os
+from pathlib import Path
 
 os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+XLA_CACHE = os.environ.get("LLAMA_JAX_TEST_XLA_CACHE",
+                           str(Path.home() / ".cache" / "llama-jax-tests" / "xla"))
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", XLA_CACHE)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")  # CPU compiles are short: cache all
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(2 << 30))  # least recently used entries go first
 
+import jax  # noqa: E402
 import pytest  # noqa: E402
 
 from tests import hf_reference  # noqa: E402
+
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                  float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
+jax.config.update("jax_persistent_cache_min_entry_size_bytes",
+                  int(os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"]))
+jax.config.update("jax_compilation_cache_max_size", int(os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"]))
+NO_SKIPS = os.environ.get("LLAMA_JAX_NO_SKIPS") == "1"
+
+
+def _fail_skip(report):
+    if NO_SKIPS and report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = (f"skipped, but LLAMA_JAX_NO_SKIPS=1 (libtpu and a C++ compiler are installed, "
+                           f"so every test must run): {reason}")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    _fail_skip(outcome.get_result())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    outcome = yield
+    _fail_skip(outcome.get_result())
 
 
 @pytest.fixture(scope="session")

@@ -36,6 +36,7 @@ def logits(model, tokens, positions=None):
 
 
 def greedy(model, tokens, n):
-    with torch.no_grad():
-        out = model.generate(torch.tensor(np.asarray(tokens), dtype=torch.long), max_new_tokens=n, do_sample=False)
+    toks = torch.tensor(np.asarray(tokens), dtype=torch.long)
+    with torch.no_grad():  # an explicit mask: generate would otherwise mask prompt tokens equal to pad_token_id (0)
+        out = model.generate(toks, attention_mask=torch.ones_like(toks), max_new_tokens=n, do_sample=False)
     return out[:, np.asarray(tokens).shape[1]:].numpy()

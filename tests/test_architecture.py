@@ -14,7 +14,7 @@ PACKAGES = ("sharding", "model", "train", "serve", "convert", "planner")
 MAX_LINES, MAX_PARAMS = 100, 10
 # Imports that may stay inside a function, each for a reason given where it stands: optional heavy
 # dependencies and the compile-only TPU machinery.
-DEFERRED_OK = {"tensorboardX", "uvicorn", "jax._src", "jax.experimental.topologies"}
+DEFERRED_OK = {"tensorboardX", "uvicorn", "wandb", "jax._src", "jax.experimental.topologies"}
 
 
 def _modules():

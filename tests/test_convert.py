@@ -181,7 +181,7 @@ def test_sigkill_at_any_point_then_rerun_gives_the_same_checkpoint(hf_checkpoint
     assert not out.exists() and ckpt.tmp_path(out).exists() and not ckpt.is_finished(ckpt.tmp_path(out))
     written = {p.name for p in (job / "done").iterdir()}
     assert len(written) == len(blocks) // 2
-    with pytest.raises(Exception):
+    with pytest.raises(FileNotFoundError, match=r"out: no config.json"):  # nothing at the final path
         model.load(out)
     # another job refuses to mix with the unfinished one
     rc, err = cli(capsys, "hf-to-orbax", "--hf", path, "--dtype", "float32", *SMALL, "--out", out)
@@ -191,6 +191,8 @@ def test_sigkill_at_any_point_then_rerun_gives_the_same_checkpoint(hf_checkpoint
     assert r.returncode == -9, r.stderr
     assert "resuming" in r.stderr and f"{len(written)} of 21 tensors were already written" in r.stderr
     assert not out.exists() and (ckpt.tmp_path(out) / "_METADATA").exists()
+    with pytest.raises(ckpt.CheckpointFormatError, match=r"not a finished checkpoint .*interrupted conversion"):
+        model.load(ckpt.tmp_path(out))  # complete metadata, no commit: still refused
 
     r = _run([*args, "--out", out], {"LLAMA_CONVERT_TEST_KILL": "committed"})  # committed, job state left
     assert r.returncode == -9, r.stderr

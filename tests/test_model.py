@@ -160,9 +160,19 @@ def test_token_ids_out_of_range(hf_checkpoint):
 
 
 def test_random_init_is_sharded_and_runs():
-    from sharding.mesh import make_mesh
+    """Created in its shardings, the random model is the one-device model with the same seed, parameter for
+    parameter, and gives its logits; another seed gives other weights."""
+    from flax import nnx
+
+    from sharding.mesh import make_mesh, single_device_mesh
     cfg = LlamaConfig.preset("toy", vocab_size=256)
     m = model.init(cfg, mesh=make_mesh("fsdp=4,tensor=2"))
     q = m.state["layers"]["attn"]["q"]["kernel"][...]
     assert len(q.sharding.device_set) == 8 and q.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
-    assert np.isfinite(np.asarray(m(np.zeros((2, 5), np.int32)))).all()
+    one = model.init(cfg, mesh=single_device_mesh())
+    for (p, a), (_, b) in zip(nnx.to_flat_state(m.state), nnx.to_flat_state(one.state)):
+        np.testing.assert_array_equal(np.asarray(a[...]), np.asarray(b[...]), err_msg=str(p))
+    other = model.init(cfg, seed=1, mesh=single_device_mesh())
+    assert not np.array_equal(np.asarray(other.state["layers"]["attn"]["q"]["kernel"][...]), np.asarray(q))
+    tokens = np.random.default_rng(0).integers(0, 256, (2, 5), dtype=np.int32)
+    np.testing.assert_allclose(np.asarray(m(tokens)), np.asarray(one(tokens)), rtol=0, atol=1e-5)

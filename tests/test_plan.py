@@ -108,10 +108,17 @@ def test_json_fields_and_exact_weight_bytes(capsys):
 
 
 def test_quantized_and_training_categories():
+    from model.network.config import LlamaConfig
+    from model.network.model import weight_bytes
+
     int4 = plan(Job(mode="serve", quant="int4"), "v6e-16", "fsdp=2,tensor=8")
     int8 = plan(Job(mode="serve", quant="int8"), "v6e-16", "fsdp=2,tensor=8")
     w4, w8 = int4["per_device"]["weights"] * 16, int8["per_device"]["weights"] * 16
-    assert 205e9 < w4 < 220e9 and 400e9 < w8 < 420e9  # int4 packed two per byte, + scales; bf16 embeddings
+    # the checkpoint's exact bytes (int4 packed two per byte + bf16 scales, bf16 embeddings) split 16 ways;
+    # the norms (replicated over tensor) add under 0.1%
+    for w, q in ((w4, "int4"), (w8, "int8")):
+        exact = sum(weight_bytes(LlamaConfig.preset("llama3.1-405b", quant=q)).values())
+        assert 0 <= w / exact - 1 < 1e-3, (q, w, exact)
     full = plan(Job(mode="full"), "v6e-256", "fsdp=64,tensor=4")
     d = full["per_device"]
     assert d["gradients"] == d["weights"] and d["optimizer_state"] == 2 * d["weights"] and d["lora_params"] == 0
@@ -122,6 +129,11 @@ def test_quantized_and_training_categories():
     assert d["activations"] == 126 * (16 // 16) * (4096 // 4) * 16384 * 2
     dots = plan(Job(mode="lora", remat="dots"), "v6e-64", "fsdp=16,sequence=4")
     assert dots["per_device"]["activations"] > 3 * d["activations"]
+    # fits: the per-chip total against the chip's HBM (v6e: 31.2 GiB); saving every dot does not fit
+    for r, fits in ((int4, True), (int8, True), (full, True), (lora, True), (dots, False)):
+        assert r["per_device_bytes"] == sum(r["per_device"].values())
+        assert r["capacity_bytes"] == topology.FAMILIES["v6e"].hbm_bytes
+        assert r["fits"] is fits and (r["per_device_bytes"] <= r["capacity_bytes"]) is fits, r
 
 
 def test_bad_job_input(capsys):
@@ -197,7 +209,8 @@ def test_full_finetuning_keeps_the_optimizer_state_dtype_so_it_is_donated():
 
 def test_planner_lowers_the_jobs_real_steps_at_the_jobs_shapes():
     """Through the Programs the CLI hands the planner: train's step takes [accum, rows/accum, seq]
-    batches and donates its state; serve's engine step takes [batch, seq] prompt tokens."""
+    batches and donates its state; serve's engine step takes batch x seq prompt tokens flattened into one
+    ragged step, a [batch, kv_len / block_size] block table, and donates the block pool."""
     import jax
 
     from planner.compile import lower_job
@@ -209,7 +222,10 @@ def test_planner_lowers_the_jobs_real_steps_at_the_jobs_shapes():
     assert {a.shape for a in batch.values()} == {(2, 4, 32)}
     assert all(a.donated for a in jax.tree.leaves(state))
     serve = lower_job(Job(model="toy", mode="serve", batch=4, seq=16, kv_len=64), mesh, cli.PROGRAMS)
-    assert (4, 16) in {a.shape for a in jax.tree.leaves(serve.args_info[0][2])}
+    _, pool, batch = serve.args_info[0]
+    assert batch.tokens.shape == (64,) and batch.meta.page_indices.shape == (4, 64 // 16)
+    assert all(a.donated for a in jax.tree.leaves(pool))
+    assert jax.tree.leaves(pool)[0].shape[1:3] == (4 * 64 // 16 + 1, 16)  # blocks (+ scratch) of 16 tokens
 
 
 @pytest.mark.parametrize("name", ["lora_v6e", "qlora_v6e", "lora_8b_h100", "qlora_405b_h100x8"])
@@ -241,3 +257,34 @@ def test_compile_only_on_local_devices_and_gpu_plan(capsys):
     too_big = load_config("qlora_405b_h100x8", ["topology=h100x1", "mesh=fsdp=1"])
     assert compile_only(too_big) == 1
     assert "DOES NOT FIT" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("kv_dtype,per_token", [("bfloat16", 126 * 2 * 128 * 2), ("int8", 126 * 2 * (128 + 4))])
+def test_serve_block_pool_per_chip(kv_dtype, per_token):
+    """The serving memory plan's pool (serve/compile_check.py): 405B on v6e-8 (tensor=8), 16 x 4096 tokens in
+    blocks of 16 plus a scratch block; each chip holds every block with its one KV head (of 8): per token
+    126 layers x key and value x 128 (x 2 bytes bf16; int8: 1 byte and a float32 scale each)."""
+    from model.network.config import LlamaConfig
+    from serve.compile_check import analytic, pool_blocks
+    from sharding.mesh import axis_sizes
+
+    blocks = pool_blocks(16 * 4096, 16)
+    assert blocks == 4097
+    p = analytic(LlamaConfig.preset("llama3.1-405b"), axis_sizes("tensor=8", 8), blocks, 16, kv_dtype)
+    assert p["kv_pool_bytes"] == blocks * 16 * per_token and p["block_bytes"] == 16 * per_token
+
+
+def test_serve_compile_only_reports_the_pool_on_an_h100_node(capsys):
+    """Without the GPUs attached: the exact plan, the pool in blocks and tokens, and the room beside it."""
+    from serve.compile_check import compile_only
+    from serve.config import load_config
+
+    assert compile_only(load_config("serve_405b_int4_h100x8", [])) == 0
+    out = capsys.readouterr().out
+    r = json.loads(out.split("PLAN ", 1)[1])
+    per_token = 126 * 2 * 128 * 2  # one KV head per GPU, bfloat16
+    assert r["pool"]["blocks"] == 32 * 16384 // 16 + 1 and r["pool"]["tokens"] == 32 * 16384
+    assert r["kv_pool_bytes"] == r["pool"]["blocks"] * 16 * per_token and r["basis"] == "analytic"
+    room = (r["capacity_bytes"] - r["weights_bytes"]) // (16 * per_token)
+    assert r["pool"]["room_blocks"] == room and r["pool"]["room_tokens"] == (room - 1) * 16
+    assert f"KV pool {r['pool']['blocks']} blocks x 16 tokens" in out

@@ -31,37 +31,55 @@ def losses(out: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in recs}
 
 
-def test_default_job_learns(tmp_path):
-    res = run(load_config(None, FAST + ["steps=40", f"output_dir={tmp_path}", "eval_every=20"]))
-    recs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert recs[0]["step"] == 1 and recs[-1]["step"] == 40
+def logged_steps(out: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+# One schedule for the straight run and the interrupted ones (stop_after cuts them short): the default job
+# with adapter dropout, so resuming must restore the dropout RNG too.
+RUN = FAST + ["steps=40", "eval_every=20", "lora.dropout=0.1"]
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    """40 uninterrupted steps: the run that must learn, and whose losses resumed runs must reproduce."""
+    out = tmp_path_factory.mktemp("straight")
+    return out, run(load_config(None, RUN + [f"output_dir={out}"]))
+
+
+def test_default_job_learns(straight_run):
+    out, res = straight_run
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == list(range(1, 41))
     assert recs[-1]["loss"] < 0.6 * recs[0]["loss"]
     evals = [r["eval_loss"] for r in recs if "eval_loss" in r]
     assert len(evals) == 2 and evals[1] < evals[0]
     for key in ("learning_rate", "grad_norm", "tokens_per_s", "mfu"):
         assert all(np.isfinite(r[key]) for r in recs)
-    assert list((tmp_path / "tensorboard").iterdir())
-    assert res["step"] == 40
+    assert list((out / "tensorboard").iterdir())
+    assert res["step"] == 40 and (out / "adapter" / "adapter_model.safetensors").exists()
 
 
-@pytest.fixture(scope="module")
-def straight_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("straight")
-    run(load_config(None, FAST + ["steps=20", f"output_dir={out}", "lora.dropout=0.1"]))
-    return losses(out)
-
-
-def test_exact_resume(tmp_path, straight_run):
-    over = FAST + [f"output_dir={tmp_path}", "lora.dropout=0.1"]
-    run(load_config(None, over + ["steps=20", "stop_after=10"]))
+def test_exact_resume(tmp_path, straight_run, caplog):
+    over = RUN + [f"output_dir={tmp_path}"]
+    run(load_config(None, over + ["stop_after=10"]))
     assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [10]
-    run(load_config(None, over + ["steps=20"]))
-    resumed = losses(tmp_path)
-    assert [resumed[s] for s in range(11, 21)] == [straight_run[s] for s in range(11, 21)]  # bitwise
+    assert logged_steps(tmp_path) == list(range(1, 11))
+    caplog.set_level("INFO", logger="train")
+    try:
+        assert run(load_config(None, over + ["stop_after=20"]))["step"] == 20
+    finally:  # an assertion, also when the run that did not resume fails on its own
+        assert "resumed at step 10 from" in caplog.text
+    assert logged_steps(tmp_path) == list(range(1, 21))  # each step once: the rerun did not start over
+    resumed, straight = losses(tmp_path), losses(straight_run[0])
+    assert [resumed[s] for s in range(1, 21)] == [straight[s] for s in range(1, 21)]  # bitwise
 
 
-def test_resume_after_sigterm(tmp_path, straight_run):
-    args = [sys.executable, "-m", "train", *FAST, "steps=20", f"output_dir={tmp_path}", "lora.dropout=0.1"]
+def test_resume_after_sigterm(tmp_path, straight_run, caplog):
+    """`python -m train` stopped by SIGTERM saves at the step it stopped; rerun (here in this process, the
+    same `run`) resumes there: each step is logged once and every loss is the uninterrupted run's."""
+    over = [*RUN, "stop_after=20", f"output_dir={tmp_path}"]
+    args = [sys.executable, "-m", "train", *over]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics = tmp_path / "metrics.jsonl"
@@ -78,9 +96,15 @@ def test_resume_after_sigterm(tmp_path, straight_run):
     assert stopped_at < 20
     saved = [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
     assert stopped_at in saved  # saved at the step it stopped, not only at the last `every`
-    subprocess.run(args, cwd=ROOT, env=env, check=True, capture_output=True, timeout=240)
-    resumed = losses(tmp_path)
-    assert [resumed[s] for s in range(1, 21)] == [straight_run[s] for s in range(1, 21)]
+    assert logged_steps(tmp_path) == list(range(1, stopped_at + 1))
+    caplog.set_level("INFO", logger="train")
+    try:
+        assert run(load_config(None, over))["step"] == 20
+    finally:
+        assert f"resumed at step {stopped_at} from" in caplog.text
+    assert logged_steps(tmp_path) == list(range(1, 21))
+    resumed, straight = losses(tmp_path), losses(straight_run[0])
+    assert [resumed[s] for s in range(1, 21)] == [straight[s] for s in range(1, 21)]
 
 
 def test_lora_invariants(hf_checkpoint, tmp_path):

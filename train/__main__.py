@@ -12,12 +12,18 @@ planning; this entry point hands it train's program (the one place train meets t
 import argparse
 import functools
 import logging
+import math
 import sys
 from pathlib import Path
 
+import jax
+
+from model.formats.hub import HubError
 from model.job.startup import start_job
 from planner.check import compile_only as plan_compile_only
 from planner.job import Job, Programs
+from sharding import topology
+from sharding.mesh import parse_spec
 from train.config import TrainConfig, load_config
 from train.data import DataError
 from train.loop import run
@@ -44,6 +50,22 @@ def compile_only(cfg: TrainConfig, out=None) -> int:
     return plan_compile_only(job_for(cfg), cfg.topology, cfg.mesh, programs, out)
 
 
+def missing_devices(cfg: TrainConfig, config_name: str | None) -> str | None:
+    """One line when the config's mesh needs more (or other) devices than this job sees; else None."""
+    sizes = parse_spec(cfg.mesh)
+    need, have = math.prod(v for v in sizes.values() if v != -1), jax.device_count()
+    if (have % need == 0) if -1 in sizes.values() else have == need:
+        return None
+    tpu = cfg.topology is not None and topology.parse(cfg.topology).kind == "tpu"
+    where = f" ({'a ' + cfg.topology + ' slice' if tpu else cfg.topology})" if cfg.topology else ""
+    how = ("start it on every worker of the slice (README: 'Launch on a TPU slice')" if tpu else
+           "start it where they are (README: '…and on one 8-GPU node')")
+    flag = f"--config {config_name} " if config_name else ""
+    return (f"error: {config_name or 'this config'} needs {need} devices{where} for its mesh {cfg.mesh}, this job sees "
+            f"{have} ({jax.devices()[0].platform}): {how}, or check it fits from here with: "
+            f"python -m train {flag}--compile-only")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -58,8 +80,15 @@ def main(argv=None) -> int:
     if args.compile_only:
         return compile_only(cfg)
     try:
+        line = missing_devices(cfg, args.config)
+    except ValueError as e:  # a malformed mesh spec
+        line = f"error: {e}"
+    if line is not None:
+        print(line, file=sys.stderr)
+        return 2
+    try:
         result = run(cfg)
-    except (DataError, FloatingPointError) as e:
+    except (DataError, FloatingPointError, HubError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     logging.getLogger("train").info("done: %s", result)

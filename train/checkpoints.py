@@ -2,21 +2,25 @@
 weights, optimizer state, step, rng) and the data iterator's position, keeping the last K.
 
 Orbax writes each step to a temporary directory and renames it when complete, so an interrupted
-save never damages (or masquerades as) a finished checkpoint.
+save never damages (or masquerades as) a finished checkpoint; on gs:// (no atomic rename) it writes the
+step in place and a commit marker last, and only steps with the marker count as finished.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import jax
 import orbax.checkpoint as ocp
 
+from model.formats import paths
 
-def manager(directory: Path, keep: int) -> ocp.CheckpointManager:
+
+def manager(directory, keep: int) -> ocp.CheckpointManager:
+    """`directory`: local or gs://."""
     return ocp.CheckpointManager(
-        Path(directory).absolute(),
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True))
+        paths.absolute(directory),
+        # cleanup: the remains of a save cut short (a preempted or killed process) go when the run restarts
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True,
+                                             cleanup_tmp_directories=True))
 
 
 def save(mgr: ocp.CheckpointManager, step: int, state, data_state: dict) -> None:
@@ -32,9 +36,9 @@ def restore(mgr: ocp.CheckpointManager, step: int, abstract_state, shardings):
     return got["state"], got["data"]
 
 
-def restore_latest(directory: Path):
+def restore_latest(directory):
     """The newest train state as saved (for inspection and export)."""
-    mgr = ocp.CheckpointManager(Path(directory).absolute())
+    mgr = ocp.CheckpointManager(paths.absolute(directory))
     step = mgr.latest_step()
     if step is None:
         raise FileNotFoundError(f"{directory}: no finished checkpoint")

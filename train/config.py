@@ -50,12 +50,24 @@ class CheckpointConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class WandbConfig:
+    """Weights & Biases logging beside metrics.jsonl and TensorBoard (process 0; `pip install -e ".[wandb]"`).
+    WANDB_API_KEY, WANDB_MODE (offline: files only) and the other WANDB_* variables are honoured."""
+
+    enabled: bool = False
+    project: str = "llama-jax"
+    entity: str | None = None
+    name: str | None = None  # default: the output directory's name
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     model: ModelSpec = ModelSpec()
     lora: LoraConfig = LoraConfig()
     data: DataConfig = DataConfig()
     optimizer: OptimizerConfig = OptimizerConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+    wandb: WandbConfig = WandbConfig()
     mesh: str = "fsdp=-1"  # axis=size pairs; see sharding/mesh.py
     topology: str | None = None  # compile for this TPU topology (e.g. v6e-16) with --compile-only
     steps: int = 100  # total; the learning-rate schedule spans these

@@ -1,7 +1,9 @@
 """JSONL records -> tokenized documents -> packed fixed-length rows with segment ids and positions.
 
-Records: {"text"}, {"prompt", "completion"} (loss on the completion) or {"messages": [...]}
-(Llama 3.1 chat format, loss on assistant turns). Bad records are skipped and reported by line;
+Records: {"text"}, {"prompt", "completion"} (loss on the completion) or {"messages": [...]} (rendered
+with the checkpoint's chat template, or the built-in Llama 3.1 format; loss on the assistant turns' content
+and end tokens, found by rendering prefixes: model/formats/chat_template.py; "tools" and "documents" fields of
+the record go to the template). Bad records are skipped and reported by line;
 too many stop the run. Packing and the per-epoch shuffle are deterministic from the seed and
 computed identically on every host; each host then materialises only its own rows of each batch.
 The iterator's state is (epoch, batch index) and goes into checkpoints.
@@ -16,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from model.formats import paths
 from model.formats.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -37,18 +40,8 @@ def tokenize_record(rec, tok: Tokenizer) -> Document:
         raise ValueError("record is not a JSON object")
     eos = tok.special["<|end_of_text|>"]
     if "messages" in rec:
-        msgs = rec["messages"]
-        if not isinstance(msgs, list) or not msgs:
-            raise ValueError("'messages' must be a non-empty list")
-        ids, mask = [tok.bos_id], [False]
-        for i, m in enumerate(msgs):
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-                raise ValueError(f"messages[{i}] must have string 'role' and 'content'")
-            head = tok.header(m["role"])
-            body = tok.encode(m["content"].strip()) + [tok.eot_id]
-            learn = m["role"] == "assistant"
-            ids += head + body
-            mask += [False] * len(head) + [learn] * len(body)
+        extra = {k: rec[k] for k in ("tools", "documents") if rec.get(k) is not None}
+        ids, mask = tok.chat_document(rec["messages"], **extra)
         if not any(mask):
             raise ValueError("no assistant turn to learn from")
     elif "prompt" in rec or "completion" in rec:
@@ -102,8 +95,8 @@ def _parse_line(raw: bytes):
 def read_documents(path: str | Path, tok: Tokenizer, seq_len: int, overlong: str, max_bad_fraction: float):
     """Documents of at most seq_len + 1 tokens (one row of inputs plus the shifted target)."""
     report, docs = Report(str(path)), []
-    try:
-        f = open(path, "rb")  # decoded line by line: one bad byte is one bad record, not a failed read
+    try:  # local or gs://; decoded line by line: one bad byte is one bad record, not a failed read
+        f = paths.as_path(path).open("rb")
     except FileNotFoundError:
         raise DataError(f"{path}: data file not found") from None
     with f:

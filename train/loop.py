@@ -15,8 +15,9 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 import model
+from model.formats import paths
 from model.formats.peft import export_peft
-from model.job import resolve, settings
+from model.job import distributed, resolve, settings
 from sharding.mesh import make_mesh
 from train import checkpoints
 from train import data as data_lib
@@ -41,8 +42,8 @@ def tokenizer_for(cfg: TrainConfig):
         raise data_lib.DataError(f"{e} (data.tokenizer)") from None
 
 
-def data_path(p: str, split: str) -> Path:
-    return TOY_DATA / f"toy_{split}.jsonl" if p == "toy" else Path(p)
+def data_path(p: str, split: str):
+    return TOY_DATA / f"toy_{split}.jsonl" if p == "toy" else paths.as_path(p)  # local or gs://
 
 
 def _batches(cfg: TrainConfig, tok) -> tuple[data_lib.Batches, list | None]:
@@ -77,23 +78,42 @@ class Evaluator:
 
 
 class StopSignal:
-    """While active, SIGTERM and SIGINT do not kill the run: they set `name`, and the step loop saves a
-    checkpoint at the end of its step and stops."""
+    """While active, SIGTERM and SIGINT do not kill the run: they are recorded, and the step loop saves a
+    checkpoint at the end of a step and stops.
+
+    Several processes (a pod slice) must save and stop at the same step, however many of them the notice
+    reached and at whichever step: each step every process dispatches its vote (the signal it received, or
+    0) as one tiny all-reduce, and reads the previous step's result, the same number on every process, so
+    all of them stop one step after any of them was signalled. The read waits only for the previous step
+    (the metrics of which are read there too), so the host never stalls the device. One process stops at
+    the end of the step in which the signal came."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __enter__(self) -> StopSignal:
-        self.name = None
-        self._previous = {s: signal.signal(s, self._received) for s in self.SIGNALS}
+        self.received, self._vote = 0, None
+        self._previous = {s: signal.getsignal(s) for s in self.SIGNALS}
+        for s in self.SIGNALS:
+            signal.signal(s, self._received)
         return self
 
     def _received(self, signum, _frame) -> None:
-        self.name = signal.Signals(signum).name
-        log.warning("received %s: saving a checkpoint at the end of this step, then exiting", self.name)
+        self.received = signum
+        log.warning("received %s: saving a checkpoint at the end of a step, then exiting", signal.Signals(signum).name)
+
+    def agreed(self) -> str | None:
+        """Once per step, on every process: the name of the signal that stops all processes after this
+        step, or None to go on."""
+        if jax.process_count() == 1:
+            return signal.Signals(self.received).name if self.received else None
+        previous, self._vote = self._vote, distributed.max_over_processes(self.received)
+        verdict = int(previous.addressable_data(0)) if previous is not None else 0
+        return signal.Signals(verdict).name if verdict else None
 
     def __exit__(self, *exc) -> None:
         for s, h in self._previous.items():
-            signal.signal(s, h)
+            # None: a handler not set from Python (JAX's preemption notifier); the default is the safe choice
+            signal.signal(s, h if h is not None else signal.SIG_DFL)
 
 
 def last_step(cfg: TrainConfig) -> int:
@@ -108,7 +128,7 @@ def _resume(manager, program: TrainProgram, state, batches, directory: Path) -> 
         return 0, state
     state, data_state = checkpoints.restore(manager, start, program.abstract_state, program.state_shardings)
     batches.restore(data_state)
-    log.info("resumed from %s at step %d", directory, start)
+    log.info("resumed at step %d from %s", start, directory)
     return start, state
 
 
@@ -131,7 +151,7 @@ class _Loop:
         step = start
         for step in range(start + 1, last + 1):
             if profile and step == profile[0]:
-                jax.profiler.start_trace(str(Path(cfg.output_dir) / "profile"))
+                jax.profiler.start_trace(str(paths.as_path(cfg.output_dir) / "profile"))
             state, mtr = program.step(state, self.frozen, program.device_batch(next(self.batches)))
             if profile and step == profile[-1]:
                 jax.block_until_ready(state)
@@ -141,17 +161,18 @@ class _Loop:
             if step % cfg.log_every == 0 or step in (1, last) or do_eval:
                 metrics.hold(step, mtr, self.evaluate(state["params"]) if do_eval else None)
             metrics.bar.update(1)
-            if step % cfg.checkpoint.every == 0 or step == last or stop.name:
+            stopping = stop.agreed()
+            if step % cfg.checkpoint.every == 0 or step == last or stopping:
                 metrics.flush()
                 checkpoints.save(self.manager, step, state, self.batches.state())
-            if stop.name:
-                return state, step, stop.name
+            if stopping:
+                return state, step, stopping
         metrics.flush()
         return state, step, None
 
 
 def run(cfg: TrainConfig) -> dict:
-    out = Path(cfg.output_dir)
+    out = paths.as_path(cfg.output_dir)  # local or gs://
     out.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:  # the run's resolved config: lets `convert lora-to-peft` read the run alone
         (out / "config.yaml").write_text(yaml.safe_dump(settings.to_dict(cfg), sort_keys=False))
@@ -176,7 +197,7 @@ def run(cfg: TrainConfig) -> dict:
     manager = checkpoints.manager(out / "checkpoints", cfg.checkpoint.keep)
     start, state = _resume(manager, program, state, batches, out / "checkpoints")
     evaluate = Evaluator(program, frozen, eval_docs, cfg.eval_batches) if eval_docs is not None else None
-    metrics = Metrics(out, program, start, cfg.steps, manager.latest_step)
+    metrics = Metrics(out, program, start, cfg.steps, manager.latest_step, cfg.wandb, settings.to_dict(cfg))
     loop = _Loop(cfg, program, frozen, batches, manager, metrics, evaluate)
     try:
         with StopSignal() as stop:
@@ -186,8 +207,8 @@ def run(cfg: TrainConfig) -> dict:
         metrics.close()
     result = metrics.result
     if stopped_by:
-        log.warning("stopped by %s after step %d; checkpoint saved, rerun the same command to resume", stopped_by,
-                    step)
+        log.warning("stopped by %s after step %d (on all %d processes); checkpoint saved, rerun the same command "
+                    "to resume", stopped_by, step, jax.process_count())
         result["preempted"] = stopped_by
         return result
     if last_step(cfg) < cfg.steps:
@@ -202,7 +223,7 @@ def run(cfg: TrainConfig) -> dict:
     return result
 
 
-def export_adapter(params, mcfg, out_dir: Path, cfg: TrainConfig):
+def export_adapter(params, mcfg, out_dir, cfg: TrainConfig):
     export_peft(params, mcfg, out_dir, base_model=cfg.model.checkpoint or cfg.model.preset)
     log.info("wrote the PEFT adapter to %s", out_dir)
 

@@ -1,4 +1,8 @@
-"""Generates the bundled toy dataset: arithmetic progressions a toy model visibly learns to continue.
+"""Generates the bundled toy dataset: runs of the alphabet ("Continue: c d e f" -> " g h i j").
+
+The task is one a LoRA on the toy preset's random, frozen base learns to answer correctly in the default
+150 steps (eval loss ~0.25; arithmetic progressions, the earlier task, stalled near 1.8 with every
+continuation wrong), so the first run's adapter visibly works when served.
 
     python -m train.toy_data        # rewrites train/data/toy_{train,eval}.jsonl
 
@@ -13,10 +17,21 @@ from pathlib import Path
 DATA_DIR = Path(__file__).resolve().parent / "data"
 
 
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+SHOWN = (3, 8)  # letters in a prompt; the answer is the next 4
+
+
+def continuation(shown: str, n: int = 4) -> str:
+    """The right answer to "Continue: <shown>": the next n letters, e.g. "c d e f" -> " g h i j"."""
+    i = LETTERS.index(shown.split()[-1]) + 1
+    return "".join(" " + c for c in LETTERS[i:i + n])
+
+
 def record(rng: random.Random) -> dict:
-    start, step, n = rng.randint(0, 50), rng.randint(1, 9), rng.randint(4, 7)
-    seq = [start + step * i for i in range(n + 4)]
-    shown, rest = " ".join(map(str, seq[:n])), " ".join(map(str, seq[n:]))
+    n = rng.randint(*SHOWN)
+    start = rng.randint(0, len(LETTERS) - n - 4)
+    seq = LETTERS[start:start + n + 4]
+    shown, rest = " ".join(seq[:n]), " ".join(seq[n:])
     kind = rng.random()
     if kind < 0.4:
         return {"prompt": f"Continue: {shown}", "completion": f" {rest}"}

@@ -27,7 +27,8 @@ temporary checkpoint) and rename it to DIR when done; on object stores (gs://) w
 not atomic they write DIR in place and `commit_success.txt` last. `is_finished` checks both.
 
 Paths: local, or gs:// (arrays through TensorStore's own GCS driver; the small metadata and marker
-files through etils.epath, which needs the `gcsfs` package for gs://). Only local paths are tested.
+files through model/formats/paths.py, etils.epath over gcsfs: the `gcs` extra). tests/test_gcs.py runs
+convert, train and serve against a GCS emulator.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ import tensorstore as ts
 from etils import epath
 from flax import nnx
 
+from model.formats import paths
 from model.formats.safetensors_io import inside_dir
 from model.network.config import LlamaConfig, RopeScaling
 from model.network.lora import LoraConfig
@@ -63,13 +65,7 @@ class CheckpointFormatError(ValueError):
 # ---------------------------------------------------------------------------------------------
 # Paths and names
 
-def as_path(path) -> epath.Path:
-    """A local or gs:// path (etils.epath handles both)."""
-    return epath.Path(path)
-
-
-def is_remote(path) -> bool:
-    return str(path).startswith(("gs://", "s3://"))
+as_path, is_remote = paths.as_path, paths.is_remote
 
 
 def param_name(path) -> str:

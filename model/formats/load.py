@@ -11,7 +11,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from model.formats import checkpoint, hf_format
+from model.formats import checkpoint, hf_format, hub, paths
 from model.formats.safetensors_io import CheckpointError, HFCheckpoint
 from model.network import quant as quantization
 from model.network.config import LlamaConfig
@@ -22,7 +22,7 @@ from model.network.model import (
     state_shardings,
     tree_get,
 )
-from sharding.mesh import single_device_mesh
+from sharding.mesh import auto_axes, single_device_mesh
 
 log = logging.getLogger(__name__)
 
@@ -39,23 +39,26 @@ def _set_layer(stacked, layer, i):
 
 def load(path: str | Path, *, dtype: str = "bfloat16", quant=None, mesh: Mesh | None = None,
          **config_overrides) -> Model:
-    """Loads a Hugging Face checkpoint directory into `mesh` (one device when None).
+    """Loads a Hugging Face checkpoint directory or an Orbax checkpoint (local, gs://, or a Hub id
+    `org/name[@revision]`) into `mesh` (one device when None).
 
     Tensors are read one at a time; a layer-stacked parameter is filled layer by layer in place, so
     host memory holds at most one HF tensor and no device ever holds an unsharded array.
     `quant` ("int8", "int4", "int4-g64" or a model.quant.QuantConfig) quantizes the targeted dense
     kernels tensor by tensor as they arrive (on device, in their shardings).
     """
+    path = hub.resolve(path)  # a Hub id `org/name[@revision]` -> its snapshot in the Hugging Face cache
     if checkpoint.is_checkpoint(path):  # an Orbax checkpoint (python -m convert, model.checkpoint.save)
         return _load_orbax(path, dtype=dtype, quant=quant, mesh=mesh, **config_overrides)
-    path = Path(path)
+    path = paths.as_path(path)  # local or gs:// (tensors by ranged reads)
     qc = quantization.parse(quant)
     if qc is not None:
         config_overrides["quant"] = qc
-    cfg = LlamaConfig.from_hf(path, param_dtype=dtype, compute_dtype=dtype, **config_overrides)
+    cfg = LlamaConfig.from_hf(paths.local_copy(path, ["config.json"]), param_dtype=dtype, compute_dtype=dtype,
+                              **config_overrides)
     ckpt = HFCheckpoint(path)
     check_hf_tensors(ckpt, cfg)
-    mesh = mesh or single_device_mesh()
+    mesh = auto_axes(mesh or single_device_mesh())  # jax.make_mesh's Explicit axes become Auto
     graphdef, abstract = abstract_model(cfg)
     shardings = state_shardings(abstract, mesh)
     target = jnp.dtype(dtype)
@@ -92,7 +95,7 @@ def _load_orbax(path, *, dtype: str = "bfloat16", quant=None, mesh=None, **confi
             raise checkpoint.CheckpointFormatError(f"{path}: quant={quant!r} requested, but the checkpoint is {have}; "
                                         f"quantize when converting (python -m convert hf-to-orbax --quant …)")
     cfg = cfg.replace(param_dtype=dtype, compute_dtype=dtype, **config_overrides)
-    mesh = mesh or single_device_mesh()
+    mesh = auto_axes(mesh or single_device_mesh())  # jax.make_mesh's Explicit axes become Auto
     graphdef, abstract = abstract_model(cfg)
     # LoRA adapters asked for (cfg.lora) but not in the checkpoint start fresh, as with an HF directory
     state, fresh = checkpoint.restore(path, abstract, state_shardings(abstract, mesh),

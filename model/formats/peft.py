@@ -21,7 +21,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from model.formats import checkpoint as ckpt
-from model.formats import hf_format
+from model.formats import hf_format, paths
 from model.formats.safetensors_io import SafetensorsFile, SafetensorsWriter
 from model.network import lora as lora_lib
 from model.network.config import LlamaConfig
@@ -38,12 +38,12 @@ class AdapterError(ValueError):
 
 
 def is_peft_dir(path) -> bool:
-    return (Path(path) / "adapter_config.json").exists()
+    return (paths.as_path(path) / "adapter_config.json").exists()
 
 
 def read_peft(path, cfg: LlamaConfig) -> tuple[lora_lib.LoraConfig, dict[tuple[str, ...], np.ndarray]]:
     """A PEFT LoRA directory -> (LoraConfig, {("layers", "attn", "q", "lora_a"): [L, *in, R], ...})."""
-    d = Path(path)
+    d = paths.as_path(path)
     cfg_file = d / "adapter_config.json"
     try:
         pc = json.loads(cfg_file.read_text())
@@ -147,7 +147,7 @@ def export_peft(adapter_state, cfg: LlamaConfig, out_dir, *, base_model: str | N
     if cfg.lora is None:
         raise ValueError("the config has no LoRA settings (cfg.lora is None): rank, alpha and rsLoRA are needed")
     lc = cfg.lora
-    out = Path(out_dir)
+    out = paths.as_path(out_dir)  # local or gs://; adapter_config.json is written last
     out.mkdir(parents=True, exist_ok=True)
     tensors = []
     modules = set()

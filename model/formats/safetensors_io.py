@@ -13,10 +13,11 @@ import json
 import math
 import os
 import struct
-from pathlib import Path
 
 import ml_dtypes
 import numpy as np
+
+from model.formats import paths
 
 DTYPES = {
     "BF16": np.dtype(ml_dtypes.bfloat16), "F16": np.dtype(np.float16), "F32": np.dtype(np.float32),
@@ -44,8 +45,8 @@ class SafetensorsFile:
     tensor a known dtype, a shape of non-negative integers, data offsets whose span is exactly
     prod(shape)·itemsize (Python integers: no overflow), inside the file and overlapping no other."""
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
+    def __init__(self, path):
+        self.path = paths.as_path(path)  # local or gs:// (ranged reads: a remote file is never fetched whole)
         raw, size = self._read_header()
         self.header_len = len(raw)
         self.header_sha256 = hashlib.sha256(raw).hexdigest()
@@ -61,16 +62,15 @@ class SafetensorsFile:
 
     def _read_header(self) -> tuple[bytes, int]:
         try:
-            size = self.path.stat().st_size
-            with open(self.path, "rb") as f:
-                raw = f.read(8)
-                if len(raw) < 8:
-                    raise CheckpointError(f"{self.path}: truncated file ({size} bytes): no safetensors header")
-                (n,) = struct.unpack("<Q", raw)
-                if n < 2 or n > MAX_HEADER or n + 8 > size:
-                    raise CheckpointError(f"{self.path}: corrupt safetensors header (declares {n} header bytes, "
-                                          f"file has {size}; at most {MAX_HEADER} allowed)")
-                return f.read(n), size
+            size = paths.size(self.path)
+            raw = paths.read_range(self.path, 0, 8)
+            if len(raw) < 8:
+                raise CheckpointError(f"{self.path}: truncated file ({size} bytes): no safetensors header")
+            (n,) = struct.unpack("<Q", raw)
+            if n < 2 or n > MAX_HEADER or n + 8 > size:
+                raise CheckpointError(f"{self.path}: corrupt safetensors header (declares {n} header bytes, "
+                                      f"file has {size}; at most {MAX_HEADER} allowed)")
+            return paths.read_range(self.path, 8, n), size
         except FileNotFoundError:
             raise CheckpointError(f"{self.path}: file not found") from None
 
@@ -122,9 +122,7 @@ class SafetensorsFile:
 
     def read(self, name: str) -> np.ndarray:
         dtype, shape, begin, end = self.tensors[name]
-        with open(self.path, "rb") as f:
-            f.seek(self._data_start + begin)
-            buf = f.read(end - begin)
+        buf = paths.read_range(self.path, self._data_start + begin, end - begin)
         if len(buf) != end - begin:
             raise CheckpointError(f"{self.path}: truncated while reading tensor {name!r}")
         return np.frombuffer(buf, dtype=dtype).reshape(shape)
@@ -133,12 +131,13 @@ class SafetensorsFile:
 class SafetensorsWriter:
     """Writes one safetensors file tensor by tensor: the header is laid out first from the declared
     (name, dtype, shape) list, then each tensor is written in order. Writes to `path + ".partial"`
-    and renames on close, so a killed writer never leaves a file that looks finished."""
+    (a local temporary file for gs://) and renames (uploads) on close, so a killed writer never leaves a
+    file that looks finished."""
 
-    def __init__(self, path: str | Path, specs: list[tuple[str, np.dtype, tuple[int, ...]]],
+    def __init__(self, path, specs: list[tuple[str, np.dtype, tuple[int, ...]]],
                  metadata: dict[str, str] | None = None):
-        self.path = Path(path)
-        self.tmp = self.path.with_name(self.path.name + ".partial")
+        self.path = paths.as_path(path)
+        self.tmp = paths.staging_file(path)
         header, offset = {}, 0
         for name, dtype, shape in specs:
             nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
@@ -170,14 +169,14 @@ class SafetensorsWriter:
         self._f.flush()
         os.fsync(self._f.fileno())
         self._f.close()
-        os.replace(self.tmp, self.path)
+        paths.publish(self.tmp, self.path)
 
 
 class HFCheckpoint:
     """The safetensors files of a Hugging Face checkpoint directory, indexed by tensor name."""
 
-    def __init__(self, directory: str | Path):
-        self.dir = Path(directory)
+    def __init__(self, directory):
+        self.dir = paths.as_path(directory)
         if not self.dir.is_dir():
             raise CheckpointError(f"{self.dir}: not a directory")
         index = self.dir / "model.safetensors.index.json"
@@ -207,7 +206,7 @@ class HFCheckpoint:
     def names(self) -> set[str]:
         return set(self.where)
 
-    def file_of(self, name: str) -> Path:
+    def file_of(self, name: str):
         return self.dir / self.where[name]
 
     def shape(self, name: str) -> tuple[int, ...]:
@@ -229,7 +228,7 @@ def _unique_keys(where: str, place: str):
     return hook
 
 
-def read_index(index: Path) -> dict[str, str]:
+def read_index(index) -> dict[str, str]:
     """The `weight_map` of a `model.safetensors.index.json`: tensor name -> a file name inside the index's
     directory (absolute paths, `..`, separators or repeated names are refused, naming the entry)."""
     try:

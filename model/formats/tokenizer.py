@@ -1,8 +1,10 @@
-"""The Llama 3 tokenizer (tiktoken BPE, 128,000 merges + 256 special tokens) and the 3.1 chat format.
+"""The Llama 3 tokenizer (tiktoken BPE, 128,000 merges + 256 special tokens) and its chat format.
 
 Loads either Meta's `tokenizer.model` (base64 token + rank per line, read with tiktoken) or a
 Hugging Face checkpoint's `tokenizer.json` (read with `tokenizers`). Special tokens are never
-produced from plain text: "<|eot_id|>" typed by a user encodes as ordinary characters.
+produced from plain text: "<|eot_id|>" typed by a user encodes as ordinary characters. Chats are
+rendered with the checkpoint's own chat template, or Meta's Llama 3.1 format when it has none
+(model/formats/chat_template.py).
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from pathlib import Path
 
 import tiktoken
 from tokenizers import Tokenizer as HFTokenizer
+
+from model.formats import chat_template
 
 PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
            r"|\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -45,6 +49,7 @@ class Tokenizer:
                 raise FileNotFoundError(f"{path}: no tokenizer.json or tokenizer.model")
             path = found[0]
         self.path = path
+        self.chat_template = chat_template.load(path.parent)  # where tokenizer.json's checkpoint keeps it
         if path.suffix == ".json":
             self._load_hf(path)
         else:
@@ -98,21 +103,16 @@ class Tokenizer:
             return self._tt.decode_single_token_bytes(int(i))
         return self._hf.decode([int(i)], skip_special_tokens=False).encode()
 
-    def header(self, role: str) -> list[int]:
-        return [self.special["<|start_header_id|>"], *self.encode(role), self.special["<|end_header_id|>"],
-                *self.encode("\n\n")]
+    def encode_chat(self, messages: list[dict], *, add_generation_prompt: bool = True, **kwargs) -> list[int]:
+        """The prompt tokens of a conversation under this tokenizer's chat template (as transformers'
+        `apply_chat_template(messages, tokenize=True, ...)`); kwargs (tools, documents, …) go to the template.
+        ChatTemplateError (a ValueError) names the bad message or the template's own complaint."""
+        return chat_template.chat_ids(self, self.chat_template, messages, add_generation_prompt=add_generation_prompt,
+                                      **kwargs)
 
-    def encode_chat(self, messages: list[dict], *, add_generation_prompt: bool = True) -> list[int]:
-        """Llama 3.1 chat format: <|begin_of_text|> then, per turn,
-        <|start_header_id|>{role}<|end_header_id|>\\n\\n{content}<|eot_id|>."""
-        ids = [self.bos_id]
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-                raise ValueError(f"messages[{i}]: expected {{'role': str, 'content': str}}, got {m!r}")
-            ids += self.header(m["role"]) + self.encode(m["content"].strip()) + [self.eot_id]
-        if add_generation_prompt:
-            ids += self.header("assistant")
-        return ids
+    def chat_document(self, messages: list[dict], **kwargs) -> tuple[list[int], list[bool]]:
+        """A conversation to train on: (ids, mask), the mask True on the assistant turns' content and end tokens."""
+        return chat_template.chat_document(self, self.chat_template, messages, **kwargs)
 
 
 class ByteTokenizer(Tokenizer):
@@ -123,6 +123,7 @@ class ByteTokenizer(Tokenizer):
 
     def __init__(self):
         self.path = None
+        self.chat_template = chat_template.ChatTemplate.builtin()
         self.special = special_tokens(256)
         self.vocab_size = self.VOCAB_SIZE
         self._tt = self._hf = None

@@ -10,8 +10,6 @@ base weights, applied in every matmul (model/network/lora.py), which also works 
 from __future__ import annotations
 
 import logging
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,6 +17,7 @@ import yaml
 from flax import nnx
 
 from model.formats import checkpoint as ckpt
+from model.formats import hub, paths
 from model.formats.peft import (
     AdapterError,
     find_adapter_checkpoint,
@@ -36,7 +35,8 @@ log = logging.getLogger(__name__)
 
 def read_adapter(path, cfg: LlamaConfig) -> tuple[lora_lib.LoraConfig, dict]:
     """A PEFT directory, this project's checkpoint (it records its LoRA config), or a `python -m train`
-    run directory (LoRA config from the run's config.yaml)."""
+    run directory (LoRA config from the run's config.yaml); local, gs://, or a Hub id `org/name[@rev]`."""
+    path = hub.resolve(path)
     if is_peft_dir(path):
         return read_peft(path, cfg)
     try:
@@ -56,7 +56,7 @@ def read_adapter(path, cfg: LlamaConfig) -> tuple[lora_lib.LoraConfig, dict]:
 
 def _run_lora_config(path) -> lora_lib.LoraConfig | None:
     """The `lora` section of the config.yaml that `python -m train` writes into its run directory."""
-    p = Path(path)
+    p = paths.as_path(path)
     for d in (p, *p.parents[:2]):
         f = d / "config.yaml"
         if f.exists():

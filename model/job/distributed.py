@@ -6,7 +6,9 @@ import logging
 import os
 
 import jax
+import numpy as np
 from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +60,22 @@ def barrier(name: str) -> None:
     """Every process waits here until all have arrived (no-op for one process)."""
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(name)
+
+
+_VOTE: dict = {}
+
+
+def max_over_processes(value: int) -> jax.Array:
+    """Dispatches the maximum of every process's `value` (one int32 per device, all-reduced over all of
+    `jax.devices()`) without waiting for it: read it later with `int(result.addressable_data(0))`, and every
+    process reads the same number. Every process must call it the same number of times."""
+    if "fn" not in _VOTE:
+        mesh = Mesh(np.asarray(jax.devices()), ("all",))
+        _VOTE.update(sharding=NamedSharding(mesh, PartitionSpec("all")),
+                     fn=jax.jit(lambda x: x.max(), out_shardings=NamedSharding(mesh, PartitionSpec())))
+    sharding = _VOTE["sharding"]
+    shards = [jax.device_put(np.full((1,), value, np.int32), d) for d in sharding.addressable_devices]
+    return _VOTE["fn"](jax.make_array_from_single_device_arrays((jax.device_count(),), sharding, shards))
 
 
 def share(items: list, weights: list[int], n: int, i: int) -> list:

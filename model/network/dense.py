@@ -75,7 +75,7 @@ class LoRADense(Dense):
         self.lora = lora
         n = len(self.in_shape)
         self.lora_a, self.lora_b = lora_lib.adapters(lora, self.in_shape, self.out_shape, axes[:n], axes[n:],
-                                                     layers, rngs)
+                                                     layers, rngs, name)
 
     def delta(self, x: jax.Array) -> jax.Array:
         """The adapters' contribution for x (in the compute dtype), added to the base product."""

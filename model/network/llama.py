@@ -36,22 +36,24 @@ class Attention(nnx.Module):
         self.k = make_dense("k", "BTD,DKH->BTKH", (D,), (K, H), ("embed", "kv_heads", "head_dim"), **kw)
         self.v = make_dense("v", "BTD,DKH->BTKH", (D,), (K, H), ("embed", "kv_heads", "head_dim"), **kw)
         self.o = make_dense("o", "BTNH,NHD->BTD", (N, H), (D,), ("heads", "head_dim", "embed"), **kw)
-        self.impl = choose(cfg.attention)
+        choose(cfg.attention)  # refuses an unknown name now; resolved when traced (the platform compiled for)
+        self.impl = cfg.attention
 
     def __call__(self, x_BTD, positions_BT, segments_BT, inv_freq, packed: bool,
                  cache: kv_cache.LayerCache | None = None):
         """With `cache`, this step's keys/values are written to it first and the queries attend over the
         cached positions; returns (output, updated cache)."""
+        impl = choose(self.impl)
         q, k, v = project(x_BTD, self.q, self.k, self.v)
         q = constrain(name(q, "attn_proj"), ("batch", "length", "heads", "head_dim"))
         k = constrain(name(k, "attn_proj"), ("batch", "length", "kv_heads", "head_dim"))
         v = constrain(name(v, "attn_proj"), ("batch", "length", "kv_heads", "head_dim"))
         q, k = apply_rope(q, positions_BT, inv_freq), apply_rope(k, positions_BT, inv_freq)
         if cache is not None:
-            out, new_cache = cache.attend(q, k, v, self.impl)
+            out, new_cache = cache.attend(q, k, v, impl)
             return self.o(constrain(out, ("batch", "length", "heads", "head_dim"))), new_cache
         out = attend(q, k, v, q_pos=positions_BT, k_pos=positions_BT, q_seg=segments_BT, k_seg=segments_BT,
-                     impl=self.impl, causal_self=not packed)
+                     impl=impl, causal_self=not packed, self_attention=True)
         return self.o(constrain(out, ("batch", "length", "heads", "head_dim")))
 
 
@@ -104,9 +106,9 @@ class Llama(nnx.Module):
         """Float32 logits [B, T, V]. Without positions, rows are single documents from position 0;
         with segment ids, tokens attend only within their segment (packed rows).
 
-        Serving (model/network/kv_cache.py): with `cache`, the tokens are new tokens of the cache slots
-        `cache.rows` at `positions_BT` (segment 0 marks padding); returns (logits, updated KVCache).
-        `logits_at` [B] picks one token per row: logits [B, 1, V] for that token only."""
+        Serving (model/network/kv_cache.py): with `cache` (a CacheUpdate over the paged KV pool), tokens [1, T]
+        are one flattened, ragged step (model/network/paged_attention.py); returns (logits, updated pool).
+        `logits_at` [S] picks the tokens to compute logits for: [S, 1, V]."""
         if cache is not None:
             return self._cached(tokens_BT, positions_BT, segments_BT, cache, logits_at)
         cfg = self.config

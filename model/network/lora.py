@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from model.network import lora_product
 from model.network.quant import TARGETS
 
 PEFT_NAMES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
@@ -50,12 +51,18 @@ class LoraConfig:
 
 
 def adapters(lora: LoraConfig, in_shape, out_shape, in_axes, out_axes, layers: int | None,
-             rngs: nnx.Rngs) -> tuple[nnx.LoRAParam, nnx.LoRAParam]:
-    """(`lora_a` [*in, R], Kaiming-uniform as PEFT; `lora_b` [R, *out], zeros) with their logical axes."""
+             rngs: nnx.Rngs, name: str) -> tuple[nnx.LoRAParam, nnx.LoRAParam]:
+    """(`lora_a` [*in, R], Kaiming-uniform as PEFT; `lora_b` [R, *out], zeros) with their logical axes.
+
+    `lora_a` is drawn from the seed's key folded with the target's name, not from the parameter stream:
+    drawing from the stream would shift every base weight created after it, so a preset's random base
+    would depend on whether (and where) LoRA is configured, and an adapter would fit a base that exists
+    only in the training run."""
     R, dtype = lora.rank, jnp.dtype(lora.dtype)
     lead, lead_axes = ((layers,), ("layers",)) if layers else ((), ())
     bound = 1.0 / math.sqrt(math.prod(in_shape))
-    a = jax.random.uniform(rngs.params(), (*lead, *in_shape, R), dtype, -bound, bound)
+    key = jax.random.fold_in(rngs.params.key.get_value(), zlib.crc32(f"lora_a/{name}".encode()))
+    a = jax.random.uniform(key, (*lead, *in_shape, R), dtype, -bound, bound)
     return (nnx.LoRAParam(a, out_sharding=(*lead_axes, *in_axes, "lora_rank")),
             nnx.LoRAParam(jnp.zeros((*lead, R, *out_shape), dtype), out_sharding=(*lead_axes, "lora_rank", *out_axes)))
 
@@ -90,5 +97,7 @@ def delta(x: jax.Array, a: jax.Array, b: jax.Array, eq: str, lora: LoraConfig, n
         key = jax.random.fold_in(key, zlib.crc32(name.encode()))
         keep = jax.random.bernoulli(key, 1.0 - lora.dropout, x.shape)
         x = jnp.where(keep, x / (1.0 - lora.dropout), 0).astype(x.dtype)
+    if x_sub.endswith(w_sub[:n_in]) and out == x_sub[:-n_in] + w_sub[n_in:]:  # `…in, in out -> …out`
+        return lora_product.product(x, a.astype(x.dtype), b.astype(x.dtype), n_in, lora.scale)
     h = jnp.einsum(f"{x_sub},{a_sub}->{r_sub}", x, a.astype(x.dtype))
     return jnp.einsum(f"{r_sub},{b_sub}->{out}", h, b.astype(x.dtype)) * jnp.asarray(lora.scale, x.dtype)

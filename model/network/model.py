@@ -3,6 +3,8 @@ derived from the parameters' logical names, and the in-memory transforms of a wh
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,7 +14,7 @@ from jax.sharding import Mesh
 from model.network import quant
 from model.network.config import LlamaConfig
 from model.network.llama import Llama
-from sharding.mesh import single_device_mesh
+from sharding.mesh import auto_axes, single_device_mesh
 from sharding.rules import RULES, named_sharding, use_mesh
 
 
@@ -51,16 +53,20 @@ def abstract_model(cfg: LlamaConfig) -> tuple[nnx.GraphDef, nnx.State]:
     return nnx.split(nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0))))
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _forward(graphdef: nnx.GraphDef, mesh: Mesh, state, tokens, positions=None, segments=None):
+    """One jit for every Model: another model of the same structure on the same mesh (every
+    `model.load` of one checkpoint) reuses the compiled forward instead of tracing and compiling again."""
+    with use_mesh(mesh):
+        return nnx.merge(graphdef, state)(tokens, positions, segments)
+
+
 class Model:
     """A Llama with its weights on a mesh. `m(tokens)` -> float32 logits [B, T, V]."""
 
     def __init__(self, graphdef: nnx.GraphDef, state: nnx.State, config: LlamaConfig, mesh: Mesh):
-        self.graphdef, self.state, self.config, self.mesh = graphdef, state, config, mesh
-        self._forward = jax.jit(self._apply)
-
-    def _apply(self, state, tokens, positions=None, segments=None):
-        with use_mesh(self.mesh):
-            return nnx.merge(self.graphdef, state)(tokens, positions, segments)
+        self.graphdef, self.state, self.config, self.mesh = graphdef, state, config, auto_axes(mesh)
+        self._forward = functools.partial(_forward, graphdef, self.mesh)
 
     @property
     def module(self) -> Llama:
@@ -93,7 +99,7 @@ class Model:
 
 def init(cfg: LlamaConfig, *, seed: int = 0, mesh: Mesh | None = None) -> Model:
     """A randomly initialised model, created directly in its shardings (never whole on one device)."""
-    mesh = mesh or single_device_mesh()
+    mesh = auto_axes(mesh or single_device_mesh())
     graphdef, abstract = abstract_model(cfg)
     shardings = state_shardings(abstract, mesh)
 

@@ -252,22 +252,56 @@ def matmul(x: jax.Array, q: jax.Array, s: jax.Array, qc: QuantConfig, in_shape, 
     contraction dim is viewed as [A, steps, unit] and each step slices the middle axis. The leading
     axis A keeps the sharding of the input dim (FSDP `embed`, or `heads`/`mlp` under tensor
     parallelism), so no step needs another device's rows and no weight is all-gathered for the loop.
+
+    The gradient (QLoRA differentiates through the frozen base, for x only) is its own loop over the
+    same row chunks, `dx_k = dy · w_kᵀ`, with each chunk's rows converted and scaled again: autodiff of
+    the loop would save every step's converted rows, i.e. the whole dequantized weight.
     """
-    n_in = len(in_shape)
-    prefix = x.shape[:x.ndim - n_in]
-    I, O = math.prod(in_shape), math.prod(out_shape)
-    gs = qc.group_size or I
-    out_dtype, f32 = jnp.dtype(compute_dtype), jnp.float32
+    return _matmul(qc, tuple(in_shape), tuple(out_shape), jnp.dtype(compute_dtype), jnp.dtype(x.dtype), x, q, s)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4))
+def _matmul(qc, in_shape, out_shape, compute_dtype, x_dtype, x, q, s):
+    return _forward(x, q, s, qc, in_shape, out_shape, compute_dtype)
+
+
+def _matmul_fwd(qc, in_shape, out_shape, compute_dtype, x_dtype, x, q, s):
+    return _forward(x, q, s, qc, in_shape, out_shape, compute_dtype), (q, s)
+
+
+def _matmul_bwd(qc, in_shape, out_shape, compute_dtype, x_dtype, res, dy):
+    q, s = res
+    dx = _input_grad(dy, q, s, qc, in_shape, out_shape, x_dtype)
+    return dx, np.zeros(q.shape, jax.dtypes.float0), jnp.zeros_like(s)
+
+
+_matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+def _layout(q, s, qc: QuantConfig, tokens: int, I: int, O: int, compute_dtype, *, backward: bool = False):
+    """(mode, steps, unit, cdt, platform, q4 [A, steps, unit, O], s3) of the looped matmul (see `matmul`)."""
     platform = _platform()
     # XLA:CPU has no bf16 x bf16 -> f32 dot inside loops ("Unsupported element type for DotThunk")
     # and upcasts bf16 dots anyway: there the operands are float32.
-    cdt = f32 if platform == "cpu" else out_dtype
-    mode, steps = plan(qc, math.prod(prefix), I, O, cdt, platform)
+    cdt = jnp.float32 if platform == "cpu" else jnp.dtype(compute_dtype)
+    gs = qc.group_size or I
+    # the gradient never takes the grouped form (its temporaries grow with the tokens)
+    mode, steps = plan(qc, max(tokens, gs) if backward else tokens, I, O, cdt, platform)
     unit = channel_unit(I) if mode == "channel" else gs
     A = I // (steps * unit)
-    x4 = x.astype(cdt).reshape(*prefix, A, steps, unit)
     q4 = q.reshape(A, steps, unit, O)
     s3 = s.reshape(A, steps, O) if mode != "channel" else s.reshape(O)
+    return mode, steps, unit, cdt, platform, q4, s3
+
+
+def _forward(x, q, s, qc: QuantConfig, in_shape, out_shape, compute_dtype) -> jax.Array:
+    n_in = len(in_shape)
+    prefix = x.shape[:x.ndim - n_in]
+    I, O = math.prod(in_shape), math.prod(out_shape)
+    out_dtype, f32 = jnp.dtype(compute_dtype), jnp.float32
+    mode, steps, unit, cdt, platform, q4, s3 = _layout(q, s, qc, math.prod(prefix), I, O, compute_dtype)
+    A = I // (steps * unit)
+    x4 = x.astype(cdt).reshape(*prefix, A, steps, unit)
 
     def step(xk, qk, sk):
         """xk [*prefix, A, unit], qk [A, unit, O], sk [A, O] (grouped modes) -> float32 [*prefix, O]."""
@@ -304,6 +338,44 @@ def matmul(x: jax.Array, q: jax.Array, s: jax.Array, qc: QuantConfig, in_shape, 
     if mode == "channel":
         y = y * s3.astype(f32)
     return y.astype(out_dtype).reshape(*prefix, *out_shape)
+
+
+def _input_grad(dy, q, s, qc: QuantConfig, in_shape, out_shape, x_dtype) -> jax.Array:
+    """dx [*prefix, *in] (x_dtype) for dy [*prefix, *out]: `dy · (q ⊙ s)ᵀ` over the forward's row chunks,
+    each chunk's integer rows converted (and scaled) on the spot; temporaries bounded as the forward's."""
+    n_out = len(out_shape)
+    prefix = dy.shape[:dy.ndim - n_out]
+    I, O = math.prod(in_shape), math.prod(out_shape)
+    f32 = jnp.float32
+    mode, steps, unit, cdt, platform, q4, s3 = _layout(q, s, qc, math.prod(prefix), I, O, dy.dtype, backward=True)
+    A = I // (steps * unit)
+    dy = dy.reshape(*prefix, O)
+    if mode == "channel":  # per-output scales: scale dy once, the integer rows stay the dot operand
+        dy = dy.astype(f32) * s3.astype(f32)
+    dy = dy.astype(cdt)
+
+    def chunk(qk, sk):
+        """qk [A, unit, O], sk [A, O] -> [*prefix, A, unit] in x_dtype."""
+        w = qk.astype(cdt) if mode == "channel" else qk.astype(cdt) * sk[:, None, :].astype(cdt)
+        return jnp.einsum("...o,aio->...ai", dy, w, preferred_element_type=f32).astype(x_dtype)
+
+    def static(k):
+        return chunk(q4[:, k], None if mode == "channel" else s3[:, k])
+
+    if steps == 1:
+        dx = static(0)[..., None, :]
+    else:
+        def body(k, dx):
+            if platform == "cpu":  # static slices of packed int4, as in the forward
+                dk = jax.lax.switch(k, [functools.partial(static, j) for j in range(steps)])
+            else:
+                qk = jax.lax.dynamic_index_in_dim(q4, k, axis=1, keepdims=False)
+                sk = None if mode == "channel" else jax.lax.dynamic_index_in_dim(s3, k, axis=1, keepdims=False)
+                dk = chunk(qk, sk)
+            return jax.lax.dynamic_update_index_in_dim(dx, dk, k, axis=dx.ndim - 2)
+
+        dx = jax.lax.fori_loop(0, steps, body, jnp.zeros((*prefix, A, steps, unit), x_dtype))
+    return dx.reshape(*prefix, *in_shape)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,4 +1,8 @@
-// Attention of new tokens over one layer of the serving KV cache, on one CPU device (model/kv_cache.py).
+// Attention of new tokens over one layer of the serving KV cache, on one CPU device: the dense cache
+// [L, slots, S, K, H] (`llama_jax_attention`) and the paged pool [L, num_blocks, block_size, 2K, H] with the
+// ragged step of model/network/paged_attention.py (`llama_jax_paged_attention`: the same arithmetic per
+// token over the keys its sequence's block table names, up to its own position; float32, bfloat16 bits or
+// int8 pools).
 //
 // The same arithmetic as model/attention.py's XLA path over a cache: scores q·k in float32, scaled by
 // 1/sqrt(H); query t of row b sees cache positions s <= positions[b, t]; softmax in float32; the
@@ -46,6 +50,8 @@ template <>
 inline float load<float>(const float* p) { return *p; }
 template <>
 inline float load<uint16_t>(const uint16_t* p) { return bf16_bits_to_f32(*p); }
+template <>
+inline float load<int8_t>(const int8_t* p) { return static_cast<float>(*p); }
 
 // e^x for x <= 0 (scores minus their max), vectorisable: 2^n · p(r) with x = n·ln2 + r, |r| <= ln2/2,
 // p the degree-6 Taylor polynomial (relative error < 2e-7, about glibc's expf). std::exp is a scalar
@@ -87,6 +93,10 @@ inline __m512 load16(const uint16_t* p) {  // 16 bfloat16 (as bits) -> float32
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
 }
 
+inline __m512 load16(const int8_t* p) {  // 16 int8 -> float32
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
+}
+
 // The sums of four vectors: [sum(a), sum(b), sum(c), sum(d)].
 inline __m128 sum4(__m512 a, __m512 b, __m512 c, __m512 d) {
   auto half = [](__m512 x) {
@@ -96,9 +106,10 @@ inline __m128 sum4(__m512 a, __m512 b, __m512 c, __m512 d) {
   return _mm_hadd_ps(_mm_hadd_ps(half(a), half(b)), _mm_hadd_ps(half(c), half(d)));
 }
 
-// scores[g * n + s] = q_g . k_s * scale for the G query heads of one KV head, HV = H / 16 vectors a row.
+// scores[g * ld + s] = q_g . k_s * scale for the G query heads of one KV head, HV = H / 16 vectors a row.
 template <typename T, int HV>
-void scores_avx512(const float* q, const T* k, int64_t n, int64_t G, int64_t stride, float scale, float* scores) {
+void scores_avx512(const float* q, const T* k, int64_t n, int64_t G, int64_t stride, float scale, float* scores,
+                   int64_t ld) {
   for (int64_t g = 0; g < G; ++g) {
     __m512 qv[HV];
     for (int v = 0; v < HV; ++v) qv[v] = _mm512_loadu_ps(q + g * HV * 16 + v * 16);
@@ -110,24 +121,25 @@ void scores_avx512(const float* q, const T* k, int64_t n, int64_t G, int64_t str
         acc[i] = _mm512_mul_ps(qv[0], load16(ks));
         for (int v = 1; v < HV; ++v) acc[i] = _mm512_fmadd_ps(qv[v], load16(ks + v * 16), acc[i]);
       }
-      _mm_storeu_ps(scores + g * n + s, _mm_mul_ps(sum4(acc[0], acc[1], acc[2], acc[3]), _mm_set1_ps(scale)));
+      _mm_storeu_ps(scores + g * ld + s, _mm_mul_ps(sum4(acc[0], acc[1], acc[2], acc[3]), _mm_set1_ps(scale)));
     }
     for (; s < n; ++s) {
       __m512 acc = _mm512_setzero_ps();
       for (int v = 0; v < HV; ++v) acc = _mm512_fmadd_ps(qv[v], load16(k + s * stride + v * 16), acc);
-      scores[g * n + s] = _mm512_reduce_add_ps(acc) * scale;
+      scores[g * ld + s] = _mm512_reduce_add_ps(acc) * scale;
     }
   }
 }
 
-// out_g = sum_s p[g * n + s] v_s, the accumulator of one head in registers.
+// out_g (+)= sum_s p[g * ld + s] v_s, the accumulator of one head in registers (`add`: onto out's values).
 template <typename T, int HV>
-void values_avx512(const float* p, const T* v, int64_t n, int64_t G, int64_t stride, float* out) {
+void values_avx512(const float* p, const T* v, int64_t n, int64_t G, int64_t stride, float* out, int64_t ld,
+                   bool add) {
   for (int64_t g = 0; g < G; ++g) {
     __m512 acc[HV];
-    for (int i = 0; i < HV; ++i) acc[i] = _mm512_setzero_ps();
+    for (int i = 0; i < HV; ++i) acc[i] = add ? _mm512_loadu_ps(out + g * HV * 16 + i * 16) : _mm512_setzero_ps();
     for (int64_t s = 0; s < n; ++s) {
-      const __m512 ps = _mm512_set1_ps(p[g * n + s]);
+      const __m512 ps = _mm512_set1_ps(p[g * ld + s]);
       for (int i = 0; i < HV; ++i) acc[i] = _mm512_fmadd_ps(ps, load16(v + s * stride + i * 16), acc[i]);
     }
     for (int i = 0; i < HV; ++i) _mm512_storeu_ps(out + g * HV * 16 + i * 16, acc[i]);
@@ -162,11 +174,11 @@ void attend_one(const float* q, const T* k, const T* v, float* out, int64_t n, i
   const int64_t stride = K * H;
 #ifdef __AVX512F__
   if (H == 64 || H == 128) {
-    if (H == 64) scores_avx512<T, 4>(q, k, n, G, stride, scale, scores);
-    else scores_avx512<T, 8>(q, k, n, G, stride, scale, scores);
+    if (H == 64) scores_avx512<T, 4>(q, k, n, G, stride, scale, scores, n);
+    else scores_avx512<T, 8>(q, k, n, G, stride, scale, scores, n);
     softmax(scores, n, G, round_probs);
-    if (H == 64) values_avx512<T, 4>(scores, v, n, G, stride, out);
-    else values_avx512<T, 8>(scores, v, n, G, stride, out);
+    if (H == 64) values_avx512<T, 4>(scores, v, n, G, stride, out, n, false);
+    else values_avx512<T, 8>(scores, v, n, G, stride, out, n, false);
     return;
   }
 #endif
@@ -183,6 +195,31 @@ void attend_one(const float* q, const T* k, const T* v, float* out, int64_t n, i
       float* o = out + g * H;
       for (int64_t h = 0; h < H; ++h) o[h] += p * row[h];
     }
+  }
+}
+
+// one(i) for i in [0, items), on the pool's threads too when `work` (multiply-adds) is large: the work of a
+// decode step is tens of microseconds, so threads only for long prompts or many rows.
+template <typename F>
+void parallel_for(ffi::ThreadPool* pool, int64_t items, int64_t work, F& one) {
+  const int64_t threads = pool && work >= (int64_t(1) << 20) ? std::min<int64_t>(pool->num_threads() + 1, items) : 1;
+  if (threads <= 1) {
+    for (int64_t i = 0; i < items; ++i) one(i);
+    return;
+  }
+  struct Shared {
+    std::atomic<int64_t> next{0}, done{0};
+  };
+  auto sh = std::make_shared<Shared>();
+  auto loop = [items, &one](Shared& s) {  // a pool thread that starts late finds nothing left to claim
+    for (int64_t i; (i = s.next.fetch_add(1)) < items;) {
+      one(i);
+      s.done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  for (int64_t w = 1; w < threads; ++w) pool->Schedule([sh, loop] { loop(*sh); });
+  loop(*sh);
+  while (sh->done.load(std::memory_order_acquire) < items) {
   }
 }
 
@@ -204,27 +241,108 @@ void run(ffi::ThreadPool* pool, const float* q, const T* kc, const T* vc, const 
     attend_one(q + (bt * N + kh * G) * H, kc + base, vc + base, o, n, G, K, H, round_probs, scores.data(),
                row.data());
   };
-  // Work of a decode step is tens of microseconds: threads only for long prompts or many rows.
-  const int64_t work = items * kv_len * H;
-  const int64_t threads = pool && work >= (int64_t(1) << 20) ? std::min<int64_t>(pool->num_threads() + 1, items) : 1;
-  if (threads <= 1) {
-    for (int64_t i = 0; i < items; ++i) one(i);
-    return;
+  parallel_for(pool, items, items * kv_len * H, one);
+}
+
+
+// ---------------------------------------------------------------------------------------------
+// Paged: the serving pool [L, num_blocks, block_size, 2K, H] (key head i at 2i, value head i at 2i + 1;
+// int8 with scales [L, num_blocks, block_size, 2K]) and the ragged step of
+// jax.experimental.pallas.ops.tpu.ragged_paged_attention: sequence i's queries are tokens
+// cu_q_lens[i]..cu_q_lens[i + 1] and the last q_len of its kv_lens[i] keys, in blocks page_indices[i, :].
+
+struct Paged {
+  const int32_t* kv_lens;
+  const int32_t* pages;  // [S, P]
+  const int32_t* cu;     // [S + 1]
+  int64_t P, blocks, bs, K, H, layer;
+};
+
+// scores[g * ld + s] = q_g . k_s * scale over m keys `stride` apart (`row`: H floats of scratch).
+template <typename T>
+void block_scores(const float* q, const T* k, int64_t m, int64_t G, int64_t H, int64_t stride, float scale,
+                  float* scores, int64_t ld, float* row) {
+#ifdef __AVX512F__
+  if (H == 64) return scores_avx512<T, 4>(q, k, m, G, stride, scale, scores, ld);
+  if (H == 128) return scores_avx512<T, 8>(q, k, m, G, stride, scale, scores, ld);
+#endif
+  for (int64_t s = 0; s < m; ++s) {
+    for (int64_t h = 0; h < H; ++h) row[h] = load(k + s * stride + h);
+    for (int64_t g = 0; g < G; ++g) scores[g * ld + s] = dot(q + g * H, row, H) * scale;
   }
-  struct Shared {
-    std::atomic<int64_t> next{0}, done{0};
-  };
-  auto sh = std::make_shared<Shared>();
-  auto loop = [items, &one](Shared& s) {  // a pool thread that starts late finds nothing left to claim
-    for (int64_t i; (i = s.next.fetch_add(1)) < items;) {
-      one(i);
-      s.done.fetch_add(1, std::memory_order_release);
+}
+
+// out_g += sum_s p[g * ld + s] v_s over m values `stride` apart.
+template <typename T>
+void block_values(const float* p, const T* v, int64_t m, int64_t G, int64_t H, int64_t stride, float* out,
+                  int64_t ld, float* row) {
+#ifdef __AVX512F__
+  if (H == 64) return values_avx512<T, 4>(p, v, m, G, stride, out, ld, true);
+  if (H == 128) return values_avx512<T, 8>(p, v, m, G, stride, out, ld, true);
+#endif
+  for (int64_t s = 0; s < m; ++s) {
+    for (int64_t h = 0; h < H; ++h) row[h] = load(v + s * stride + h);
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t h = 0; h < H; ++h) out[g * H + h] += p[g * ld + s] * row[h];
+  }
+}
+
+// The G query heads of KV head kh for one token of sequence `seq`, over its first n keys, block by block.
+// sc: the int8 pool's scales (nullptr for float pools): a key's scale multiplies its scores, a value's its
+// probabilities. buf: G * n + G * bs + H floats of scratch.
+template <typename T>
+void paged_one(const float* q, const T* kv, const float* sc, const Paged& pg, int64_t seq, int64_t n, int64_t kh,
+               int64_t G, bool round_probs, float* out, float* buf) {
+  const int64_t bs = pg.bs, K2 = 2 * pg.K, H = pg.H, stride = K2 * H;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(H));
+  float *scores = buf, *scaled = buf + G * n, *row = scaled + G * bs;
+  const int32_t* table = pg.pages + seq * pg.P;
+  for (int64_t b0 = 0; b0 < n; b0 += bs) {
+    const int64_t m = std::min(bs, n - b0), tok0 = (pg.layer * pg.blocks + table[b0 / bs]) * bs;
+    block_scores(q, kv + tok0 * stride + 2 * kh * H, m, G, H, stride, scale, scores + b0, n, row);
+    if (sc)
+      for (int64_t s = 0; s < m; ++s)
+        for (int64_t g = 0; g < G; ++g) scores[g * n + b0 + s] *= sc[(tok0 + s) * K2 + 2 * kh];
+  }
+  softmax(scores, n, G, round_probs);
+  std::fill(out, out + G * H, 0.0f);
+  for (int64_t b0 = 0; b0 < n; b0 += bs) {
+    const int64_t m = std::min(bs, n - b0), tok0 = (pg.layer * pg.blocks + table[b0 / bs]) * bs;
+    const float* p = scores + b0;
+    int64_t ld = n;
+    if (sc) {
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t s = 0; s < m; ++s) scaled[g * bs + s] = scores[g * n + b0 + s] * sc[(tok0 + s) * K2 + 2 * kh + 1];
+      p = scaled, ld = bs;
     }
-  };
-  for (int64_t w = 1; w < threads; ++w) pool->Schedule([sh, loop] { loop(*sh); });
-  loop(*sh);
-  while (sh->done.load(std::memory_order_acquire) < items) {
+    block_values(p, kv + tok0 * stride + (2 * kh + 1) * H, m, G, H, stride, out, ld, row);
   }
+}
+
+// tok_seq[t]: the sequence of token t (-1: padding, output zeros).
+template <typename T>
+void run_paged(ffi::ThreadPool* pool, const float* q, const T* kv, const float* sc, const Paged& pg,
+               const int32_t* tok_seq, float* out, int64_t Tq, int64_t N, bool round_probs) {
+  const int64_t K = pg.K, H = pg.H, G = N / K, items = Tq * K;
+  int64_t work = 0, longest = 1;  // work counted as the dense kernel does: keys x KV heads x H per token
+  for (int64_t t = 0; t < Tq; ++t) {
+    if (tok_seq[t] < 0) continue;
+    work += pg.kv_lens[tok_seq[t]] * K * H;
+    longest = std::max<int64_t>(longest, pg.kv_lens[tok_seq[t]]);
+  }
+  auto one = [&](int64_t item) {
+    const int64_t kh = item % K, t = item / K, seq = tok_seq[t];
+    float* o = out + (t * N + kh * G) * H;
+    if (seq < 0) {
+      std::fill(o, o + G * H, 0.0f);
+      return;
+    }
+    const int64_t q_len = pg.cu[seq + 1] - pg.cu[seq], kv_len = pg.kv_lens[seq];
+    const int64_t n = kv_len - q_len + (t - pg.cu[seq]) + 1;  // causal: the keys up to its own
+    std::vector<float> buf(G * (longest + pg.bs) + H);
+    paged_one(q + (t * N + kh * G) * H, kv, sc, pg, seq, n, kh, G, round_probs, o, buf.data());
+  };
+  parallel_for(pool, items, work, one);
 }
 
 }  // namespace
@@ -265,3 +383,65 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(llama_jax_attention, Attention,
                                   .Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>()
                                   .Attr<int64_t>("kv_len").Attr<int64_t>("round_probs"));
+
+
+// Checks the step's metadata against the pool and fills tok_seq (see run_paged); an error names what is wrong.
+static ffi::Error paged_metadata(const Paged& pg, int64_t S, int64_t num_seqs, int64_t Tq, int32_t* tok_seq) {
+  if (num_seqs < 0 || num_seqs > S) return ffi::Error::InvalidArgument("cpu_paged_attention: num_seqs out of range");
+  std::fill(tok_seq, tok_seq + Tq, -1);
+  if (pg.cu[0] != 0) return ffi::Error::InvalidArgument("cpu_paged_attention: cu_q_lens[0] must be 0");
+  for (int64_t i = 0; i < num_seqs; ++i) {
+    const int64_t a = pg.cu[i], b = pg.cu[i + 1], kv_len = pg.kv_lens[i];
+    if (b < a || b > Tq) return ffi::Error::InvalidArgument("cpu_paged_attention: cu_q_lens not increasing within the tokens");
+    if (kv_len < b - a || kv_len > pg.P * pg.bs)
+      return ffi::Error::InvalidArgument("cpu_paged_attention: kv_lens[i] must be in [q_len_i, pages_per_seq * block_size]");
+    for (int64_t p = 0; p < (kv_len + pg.bs - 1) / pg.bs; ++p)
+      if (pg.pages[i * pg.P + p] < 0 || pg.pages[i * pg.P + p] >= pg.blocks)
+        return ffi::Error::InvalidArgument("cpu_paged_attention: page index out of range");
+    std::fill(tok_seq + a, tok_seq + b, static_cast<int32_t>(i));
+  }
+  return ffi::Error::Success();
+}
+
+// q f32 [T, N, H]; kv [L, num_blocks, block_size, 2K, H] (f32, bf16 as u16 bits, or s8); scale f32
+// [L, num_blocks, block_size, 2K] for s8, else [0]; layer s32 []; kv_lens s32 [S]; page_indices s32 [S, P];
+// cu_q_lens s32 [S + 1]; num_seqs s32 [1] -> out f32 [T, N, H] (zeros for tokens past cu_q_lens[num_seqs])
+static ffi::Error PagedAttention(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer kv, ffi::AnyBuffer scale,
+                                 ffi::AnyBuffer layer, ffi::AnyBuffer kv_lens, ffi::AnyBuffer page_indices,
+                                 ffi::AnyBuffer cu_q_lens, ffi::AnyBuffer num_seqs, ffi::Result<ffi::AnyBuffer> out,
+                                 int64_t round_probs) {
+  auto qd = q.dimensions(), kd = kv.dimensions(), pd = page_indices.dimensions();
+  const auto et = kv.element_type();
+  const bool int8 = et == ffi::DataType::S8;
+  if (qd.size() != 3 || kd.size() != 5 || pd.size() != 2 || q.element_type() != ffi::DataType::F32 || qd[2] != kd[4] ||
+      kd[3] % 2 || qd[1] % (kd[3] / 2) || kv_lens.dimensions().size() != 1 || kv_lens.dimensions()[0] != pd[0] ||
+      cu_q_lens.dimensions()[0] != pd[0] + 1 || (int8 && scale.element_count() != kv.element_count() / kd[4]))
+    return ffi::Error::InvalidArgument("cpu_paged_attention: bad shapes or dtypes");
+  if (!int8 && et != ffi::DataType::F32 && et != ffi::DataType::U16)
+    return ffi::Error::InvalidArgument("cpu_paged_attention: the pool must be f32, bf16 bits (u16) or s8");
+  const int32_t li = *static_cast<const int32_t*>(layer.untyped_data());
+  if (li < 0 || li >= kd[0]) return ffi::Error::InvalidArgument("cpu_paged_attention: layer out of range");
+  const Paged pg{static_cast<const int32_t*>(kv_lens.untyped_data()), static_cast<const int32_t*>(page_indices.untyped_data()),
+                 static_cast<const int32_t*>(cu_q_lens.untyped_data()), pd[1], kd[1], kd[2], kd[3] / 2, kd[4], li};
+  const int64_t T = qd[0], N = qd[1];
+  std::vector<int32_t> tok_seq(T);
+  ffi::Error err = paged_metadata(pg, pd[0], *static_cast<const int32_t*>(num_seqs.untyped_data()), T, tok_seq.data());
+  if (err.failure()) return err;
+  const float* qp = static_cast<const float*>(q.untyped_data());
+  float* op = static_cast<float*>(out->untyped_data());
+  if (int8)
+    run_paged(&pool, qp, static_cast<const int8_t*>(kv.untyped_data()), static_cast<const float*>(scale.untyped_data()), pg,
+              tok_seq.data(), op, T, N, round_probs);
+  else if (et == ffi::DataType::F32)
+    run_paged(&pool, qp, static_cast<const float*>(kv.untyped_data()), nullptr, pg, tok_seq.data(), op, T, N, round_probs);
+  else
+    run_paged(&pool, qp, static_cast<const uint16_t*>(kv.untyped_data()), nullptr, pg, tok_seq.data(), op, T, N,
+              round_probs);
+  return ffi::Error::Success();
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(llama_jax_paged_attention, PagedAttention,
+                              ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>().Attr<int64_t>("round_probs"));

@@ -20,7 +20,8 @@ features and jax/jaxlib versions; a cached library not owned by this user or wri
 Attention: XLA runs a decode step's attention as ~10 small ops per layer (gather the slot's keys and
 values, convert, transpose, two dots, softmax), each costing more in launch overhead than in
 arithmetic; with the same decision (`kv_cache.CacheUpdate(cpu_kernels=True)`) `attention` computes it
-in one call.
+in one call. `paged_attention` is the same over the serving engine's block pool and ragged step
+(model/network/paged_attention.py, implementation "cpu"): float32, bfloat16 or int8 pools.
 """
 
 from __future__ import annotations
@@ -120,7 +121,7 @@ def build() -> Path:
     """Compiles the kernel library (once per source, compiler and its flags and version, CPU features and
     jax/jaxlib version) into the cache and returns its path. A cached file that is not this user's, or
     that others may write, is not trusted: it is rebuilt and atomically replaced."""
-    include = Path(jaxlib.__file__).parent / "include"
+    include = jax.ffi.include_dir()  # xla/ffi/api headers of the installed jaxlib
     cxx, flags = _toolchain()
     out = library_path(cxx, flags)
     _private_dir(out.parent)
@@ -138,16 +139,21 @@ def build() -> Path:
 
 
 def available() -> bool:
-    """Builds and registers the kernels on first call; False (logged once) where that is not possible."""
+    """Builds and registers the kernels on first call; False (logged once) where there is no C++ compiler.
+    With a compiler, a failed build or load is an error (RuntimeError/OSError), never a quiet fallback."""
     if "ok" not in _STATE:
         try:
-            lib = ctypes.cdll.LoadLibrary(str(build()))
-            for name in ("llama_jax_gemv", "llama_jax_attention"):
-                jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform="cpu")
-            _STATE.update(ok=True, lib=lib)
-        except Exception as e:  # no compiler, unsupported platform: XLA's path it is
-            log.warning("CPU kernels unavailable, serving with XLA's ops: %s", e)
+            _toolchain()
+        except RuntimeError as e:
+            log.warning("%s: serving on one CPU device uses XLA's ops instead of the CPU kernels, about 40 times "
+                        "slower per decoded token (measured on bench/serve.py's shape: bf16 0.7 vs 29.5 tok/s, int8 "
+                        "0.9 vs 40.2); install one (e.g. apt-get install g++) or set CXX, and restart", e)
             _STATE["ok"] = False
+            return False
+        lib = ctypes.cdll.LoadLibrary(str(build()))
+        for name in ("llama_jax_gemv", "llama_jax_attention", "llama_jax_paged_attention"):
+            jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform="cpu")
+        _STATE.update(ok=True, lib=lib)
     return _STATE["ok"]
 
 
@@ -221,3 +227,29 @@ def attention(q_BTNH, cache, layer, rows, positions, segments, kv_len: int) -> j
         positions.astype(jnp.int32), segments.astype(jnp.int32), kv_len=int(kv_len),
         round_probs=int(q_BTNH.dtype == jnp.bfloat16))
     return y.astype(q_BTNH.dtype)
+
+
+def paged_attention_applies(dtype: str) -> bool:
+    """Pools the paged attention kernel reads (`KVPool.dtype`): float32, bfloat16 (held as bits) or int8."""
+    return dtype in ("float32", "bfloat16", "int8")
+
+
+def paged_attention(q_TNH, kv, scale, meta, layer=0) -> jax.Array:
+    """model/network/paged_attention.py's `attend` in one call: q [T, N, H] over the pool `kv`
+    [L, num_blocks, block_size, 2K, H] at `layer` (or one layer, [num_blocks, block_size, 2K, H]) holding
+    float32, bfloat16 (or its uint16 bits) or int8 with `scale` [..., 2K] float32; `meta` a PagedMeta.
+    Passing the whole pool and the layer index saves XLA a copy of the layer. -> [T, N, H] in q's dtype;
+    tokens past cu_q_lens[num_seqs] get zeros."""
+    if kv.ndim == 4:
+        kv, scale, layer = kv[None], None if scale is None else scale[None], 0
+    if kv.dtype == jnp.bfloat16:
+        kv = jax.lax.bitcast_convert_type(kv, jnp.uint16)
+    if (kv.dtype == jnp.int8) != (scale is not None) or kv.dtype not in (jnp.float32, jnp.uint16, jnp.int8):
+        raise ValueError(f"cpu paged attention: pool {kv.dtype} with scale {None if scale is None else scale.dtype}: "
+                         "expected float32, bfloat16 (bits) or int8 with a float32 scale")
+    scale = jnp.zeros((0,), jnp.float32) if scale is None else scale.astype(jnp.float32)
+    i32 = [jnp.asarray(x, jnp.int32) for x in (layer, meta.kv_lens, meta.page_indices, meta.cu_q_lens, meta.num_seqs)]
+    out = jax.ShapeDtypeStruct(q_TNH.shape, jnp.float32)
+    y = jax.ffi.ffi_call("llama_jax_paged_attention", out)(
+        q_TNH.astype(jnp.float32), kv, scale, *i32, round_probs=int(q_TNH.dtype == jnp.bfloat16))
+    return y.astype(q_TNH.dtype)

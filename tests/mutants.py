@@ -1,0 +1,135 @@
+"""Mutation check, run on demand (not in CI): `python tests/mutants.py [NAME ...] [--list]`.
+
+Each mutant is one named bug, applied as an exact text replacement in a temporary copy of the working
+tree (the tree itself is never touched). The tests that should catch it run in that copy (with its
+modules first on the path), and the report says which of them fail. Every mutant must be caught by at
+least one test; the exit status is 1 otherwise. A replacement that no longer matches the source is an
+error, so a refactoring cannot quietly turn a mutant into a no-op."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclasses.dataclass(frozen=True)
+class Mutant:
+    name: str
+    file: str
+    old: str
+    new: str
+    tests: tuple[str, ...]  # pytest node ids (or files) expected to catch it
+
+
+MUTANTS = [
+    Mutant("no_save_at_sigterm", "train/loop.py",
+           "if step % cfg.checkpoint.every == 0 or step == last or stopping:",
+           "if step % cfg.checkpoint.every == 0 or step == last:",
+           ("tests/test_train.py::test_resume_after_sigterm",)),
+    Mutant("no_resume", "train/loop.py",
+           "    start = manager.latest_step()\n    if start is None:\n        return 0, state",
+           "    start = None\n    if start is None:\n        return 0, state",
+           ("tests/test_train.py::test_exact_resume", "tests/test_train.py::test_resume_after_sigterm")),
+    Mutant("greedy_second_best", "serve/sampling.py",
+           "    top = jnp.max(x_BV, axis=-1, keepdims=True)\n",
+           "    top = jnp.max(x_BV, axis=-1, keepdims=True)\n"
+           "    top = jnp.max(jnp.where(x_BV == top, -jnp.inf, x_BV), axis=-1, keepdims=True)\n",
+           ("tests/test_serve_parity.py::test_greedy_completion_equals_transformers_batch_1",
+            "tests/test_serve_parity.py::test_greedy_chat_equals_transformers",
+            "tests/test_serve_api.py::test_completion_and_chat")),
+    Mutant("transposed_int4_groups", "model/network/quant.py",  # groups of strided rows, not consecutive ones
+           "    wf = jnp.asarray(w).astype(jnp.float32).reshape(*lead, I // gs, gs, O)\n",
+           "    wf = jnp.swapaxes(jnp.asarray(w).astype(jnp.float32).reshape(*lead, gs, I // gs, O), -3, -2)\n",
+           ("tests/test_independent_oracles.py::test_int4_conversion_is_bit_equal_to_quantized_load_and_to_a_numpy_"
+            "quantizer", "tests/test_quant.py::test_quantize_is_round_to_nearest_with_storage_dtype_scales")),
+    Mutant("skipped_rope_scaling", "model/network/layers.py",
+           "    if rs is None:\n        return inv_freq\n",
+           "    if True:\n        return inv_freq\n",
+           ("tests/test_parity.py::test_positions_far_into_the_context",
+            "tests/test_parity.py::test_logits_and_greedy_match_transformers")),
+    Mutant("lora_scale_dropped", "model/network/lora.py",  # alpha / r (or / sqrt r) taken as 1 everywhere
+           "        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)\n",
+           "        return 1.0\n",
+           ("tests/test_serve_parity.py::test_trained_peft_export_gives_our_logits_in_peft",
+            "tests/test_convert.py::test_peft_export_gives_our_logits_in_peft",
+            "tests/test_quant.py::test_qlora_adapters_train_on_an_int4_base")),
+]
+
+
+def tree_files() -> list[str]:
+    """The working tree as git sees it: tracked files and untracked ones it does not ignore."""
+    out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                         capture_output=True, check=True).stdout
+    return [f for f in out.decode().split("\0") if f and (ROOT / f).is_file()]
+
+
+def copy_tree(dst: Path) -> None:
+    for rel in tree_files():
+        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / rel, dst / rel)
+
+
+def apply(m: Mutant, tree: Path) -> None:
+    f = tree / m.file
+    text = f.read_text()
+    if text.count(m.old) != 1:
+        raise SystemExit(f"mutant {m.name}: the text to replace occurs {text.count(m.old)} times in {m.file} "
+                         "(expected once); update tests/mutants.py")
+    f.write_text(text.replace(m.old, m.new))
+
+
+def run_test(tree: Path, node: str) -> tuple[bool, float, str]:
+    """(failed, seconds, last lines) of one pytest node id run in `tree`."""
+    env = dict(os.environ, PYTHONPATH=str(tree))
+    t0 = time.time()
+    r = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-rfE", "-p", "no:cacheprovider", node],
+                       cwd=tree, env=env, capture_output=True, text=True)
+    lines = [x for x in (r.stdout + r.stderr).splitlines() if x.strip()]
+    why = [x for x in lines if x.startswith(("FAILED", "ERROR"))] or lines[-1:]
+    return r.returncode != 0, time.time() - t0, why[0][:300] if why else ""
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("names", nargs="*", help="mutants to run (default: all)")
+    ap.add_argument("--list", action="store_true", help="list the mutants and their tests")
+    args = ap.parse_args(argv)
+    chosen = [m for m in MUTANTS if not args.names or m.name in args.names]
+    unknown = set(args.names) - {m.name for m in MUTANTS}
+    if unknown:
+        print(f"unknown mutant(s) {sorted(unknown)}; known: {[m.name for m in MUTANTS]}", file=sys.stderr)
+        return 2
+    if args.list:
+        for m in chosen:
+            print(m.name, *m.tests, sep="\n  ")
+        return 0
+    survived = []
+    for m in chosen:
+        with tempfile.TemporaryDirectory(prefix=f"mutant-{m.name}-") as tmp:
+            tree = Path(tmp)
+            copy_tree(tree)
+            apply(m, tree)
+            caught = []
+            for node in m.tests:
+                failed, secs, last = run_test(tree, node)
+                print(f"{m.name}: {'CAUGHT by' if failed else 'passes  '} {node} ({secs:.0f} s; {last})", flush=True)
+                if failed:
+                    caught.append(node)
+            if not caught:
+                survived.append(m.name)
+    print(f"\n{len(chosen) - len(survived)} of {len(chosen)} mutants caught"
+          + (f"; SURVIVED: {', '.join(survived)}" if survived else ""))
+    return 1 if survived else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
