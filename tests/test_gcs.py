@@ -31,7 +31,7 @@ TOY = ROOT / "train" / "data"
 SMALL = ["--block-mb", "0.004", "--chunk-mb", "0.008", "--no-progress"]  # many blocks and chunks per tensor
 FAST = ["data.seq_len=32", "data.batch_size=8", "eval_every=10", "eval_batches=1", "log_every=1",
         "checkpoint.every=10", "optimizer.warmup_steps=1", "steps=4", "model.dtype=float32"]
-GENERATE = ["generate", "--prompt", "Continue: c d e", "--max-tokens", "6", "engine.max_slots=1", "engine.max_len=64"]
+GENERATE = ["generate", "--prompt", "24 31 38 45", "--max-tokens", "6", "engine.max_slots=1", "engine.max_len=64"]
 
 
 def cli_env(em: Emulator) -> dict:
