@@ -186,6 +186,8 @@ def whole_weight_copies(hlo: str, min_bytes: int = 16 << 20):
         if not m:
             continue
         name, dtype, dims, op = m.groups()
+        if "S(1)" in line.split("=", 1)[1].split(" ", 2)[1]:
+            continue  # memory space 1, on-chip VMEM: a prefetch of a weight (copy-start/copy-done), not an HBM buffer
         n = int(np.prod([int(d) for d in dims.split(",") if d]))
         w = re.search(r"op_name=\"weights\[0\](\S*?)\.value", line)
         if op == "parameter" and w:
