@@ -21,6 +21,7 @@ from serve.config import load_config
 from serve.schemas import APIError
 from serve.streaming import Admission
 from sharding.mesh import single_device_mesh
+from tests.serve_process import free_port, serve_process
 
 openai = pytest.importorskip("openai")
 psutil = pytest.importorskip("psutil")
@@ -31,43 +32,16 @@ SLOTS = 8
 HEADER_TIMEOUT = 2
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    port = free_port()
     log = tmp_path_factory.mktemp("serve") / "server.log"
     env = dict(os.environ, JAX_PLATFORMS="cpu", SERVE_API_KEY=KEY)
-    cmd = [sys.executable, "-m", "serve", f"server.port={port}", f"engine.max_slots={SLOTS}", "engine.max_len=512",
-           "engine.min_kv_bucket=512", "engine.prefill_chunk=64", "engine.prefill_tokens=128",
-           "server.max_prompt_tokens=300", "server.max_tokens=400", "server.max_body_bytes=262144",
-           f"server.header_timeout={HEADER_TIMEOUT}", "server.stream_buffer=32", "server.body_timeout=3"]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if time.time() > deadline:
-            proc.kill()
-            pytest.fail(f"server did not start:\n{log.read_text()[-3000:]}")
-        time.sleep(0.5)
-    yield url, proc, log
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    args = [f"engine.max_slots={SLOTS}", "engine.max_len=512", "engine.min_kv_bucket=512", "engine.prefill_chunk=64",
+            "engine.prefill_tokens=128", "server.max_prompt_tokens=300", "server.max_tokens=400",
+            "server.max_body_bytes=262144", f"server.header_timeout={HEADER_TIMEOUT}", "server.stream_buffer=32",
+            "server.body_timeout=3"]
+    with serve_process(args, log, env) as (url, proc):
+        yield url, proc, log
 
 
 @pytest.fixture(scope="module")
@@ -366,23 +340,8 @@ def test_stalled_body_is_a_408(server):
 def test_request_deadline_ends_a_long_request(tmp_path):
     """server.request_timeout bounds a request from body to last byte: a generation that would take longer is
     ended with an error, and its slots are freed."""
-    port = free_port()
-    cmd = [sys.executable, "-m", "serve", f"server.port={port}", "server.request_timeout=2", "engine.max_len=512"]
-    with open(tmp_path / "server.log", "wb") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), stdout=out,
-                                stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 180
-        while True:
-            assert proc.poll() is None, (tmp_path / "server.log").read_text()[-2000:]
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.time() < deadline, "server did not start"
-            time.sleep(0.5)
+    args = ["server.request_timeout=2", "engine.max_len=512"]
+    with serve_process(args, tmp_path / "server.log", dict(os.environ, JAX_PLATFORMS="cpu")) as (url, proc):
         t0 = time.time()
         body = {"model": "toy", "prompt": "x", "max_tokens": 500, "n": 8, "logprobs": 5, "ignore_eos": True}
         r = _post(url + "/v1/completions", body, key=None)
@@ -394,9 +353,6 @@ def test_request_deadline_ends_a_long_request(tmp_path):
                 break
             time.sleep(0.2)
         assert httpx.get(url + "/health").json()["active"] == 0
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 def test_unread_stream_is_cancelled(server):

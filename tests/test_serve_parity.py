@@ -9,12 +9,8 @@ of their largest magnitude. The weights are hf_reference's peaked ones, so greed
 import concurrent.futures
 import copy
 import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 import torch
@@ -24,7 +20,7 @@ import model
 from model.formats.tokenizer import ByteTokenizer
 from model.network.lora import LoraConfig
 from tests import hf_reference
-from tests.test_serve_api import free_port
+from tests.serve_process import serve_process
 
 openai = pytest.importorskip("openai")
 peft = pytest.importorskip("peft")
@@ -44,35 +40,11 @@ def reference(hf_checkpoint):
 @pytest.fixture(scope="module")
 def server(reference, tmp_path_factory):
     path, _ = reference
-    port = free_port()
     log = tmp_path_factory.mktemp("serve_parity") / "server.log"
-    cmd = [sys.executable, "-m", "serve", f"server.port={port}", f"model.checkpoint={path}", "model.dtype=float32",
-           "model.tokenizer=bytes", "model.name=ref", "engine.max_slots=4", "engine.max_len=128",
-           "engine.prefill_chunk=16", "engine.prefill_tokens=32"]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, SERVE_API_KEY=KEY), stdout=out,
-                                stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 240
-    try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.time() > deadline:
-                pytest.fail(f"server did not start:\n{log.read_text()[-3000:]}")
-            time.sleep(0.3)
+    args = [f"model.checkpoint={path}", "model.dtype=float32", "model.tokenizer=bytes", "model.name=ref",
+            "engine.max_slots=4", "engine.max_len=128", "engine.prefill_chunk=16", "engine.prefill_tokens=32"]
+    with serve_process(args, log, dict(os.environ, SERVE_API_KEY=KEY), start_timeout=240) as (url, _):
         yield openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=240)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def expected(ref, prompt_ids, n=N):
