@@ -152,19 +152,20 @@ def test_64_concurrent_streams_memory_flat(server):
         finally:
             await aclient.close()
 
-    # Rounds until two in a row compile no new step shape (which shapes a round needs depends on timing:
-    # batch sizes, one or several tokens per decode call); between those two, memory must stay flat.
+    # Rounds until one compiles no new step shape (which shapes a round needs depends on timing: token and
+    # sequence buckets, one or several tokens per decode call; the paged engine's set keeps growing slowly);
+    # across that round, memory must stay flat.
     rss, compiled = [], []
-    for _ in range(6):
+    for _ in range(10):
         results = asyncio.run(round_())
         assert all(f == ["length"] for f in results), results
         time.sleep(0.5)
         rss.append(proc.memory_info().rss)
         compiled.append(httpx.get(server[0] + "/health").json()["compiled_steps"])
-        if len(compiled) >= 3 and compiled[-1] == compiled[-2] == compiled[-3]:
+        if len(compiled) >= 2 and compiled[-1] == compiled[-2]:
             break
     print(f"server RSS after each round: {[round(r / 2**20, 1) for r in rss]} MiB; step shapes: {compiled}")
-    assert compiled[-1] == compiled[-2] == compiled[-3], f"still compiling new shapes: {compiled}"
+    assert compiled[-1] == compiled[-2], f"still compiling new shapes: {compiled}"
     # 64 requests a round: 4 MiB is 64 KiB per request, an eighth of one toy KV slot (512 KiB); observed
     # growth between settled rounds is 1-2 MiB (allocator noise)
     growth = rss[-1] - rss[-2]
