@@ -56,11 +56,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-len", type=int, default=None, help="serve: KV-cache positions per sequence (default: --seq)")
     p.add_argument("--lora-rank", type=int, default=16)
     p.add_argument("--lora-targets", default="q,k,v,o,gate,up,down")
-    p.add_argument("--remat", default="full", help="none | full | dots | attn_proj")
+    p.add_argument("--remat", default="full",
+                   help="none | full | dots | attn_proj | auto (the least recomputation that fits; needs --compile "
+                        "to be decided by the compiler)")
     p.add_argument("--accum", type=int, default=1, help="gradient accumulation micro-batches")
     p.add_argument("--layers", type=int, default=None, help="reduced depth (quick checks)")
     p.add_argument("--headroom", type=float, default=0.0, help="fraction of HBM to keep free for FITS (e.g. 0.1)")
     p.add_argument("--compile", action="store_true", help="compile the real step for the TPU topology (AOT)")
+    p.add_argument("--flops", action="store_true",
+                   help="with --compile, training: the step's compiled FLOPs per token against the model's (two "
+                        "more compiles, at depth 1 and 2 unrolled)")
     p.add_argument("--smallest", action="store_true", help="the smallest slice of --topology's family that fits")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     return p
@@ -79,7 +84,8 @@ def main(argv=None) -> int:
         if args.smallest:
             r = smallest(job, args.topology, args.compile, args.headroom, args.mesh, log, programs=PROGRAMS)
         else:
-            r = plan(job, args.topology, args.mesh, args.compile, args.headroom, programs=PROGRAMS)
+            r = plan(job, args.topology, args.mesh, args.compile, args.headroom, programs=PROGRAMS, flops=args.flops,
+                     log=log)
     except PlanError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -15,17 +15,21 @@ from planner.plan import plan, plan_local
 from sharding import topology as topo_lib
 
 
-def compile_only(job: Job, topology: str | None, mesh_spec: str | None, programs: Programs, out=None) -> int:
+def compile_only(job: Job, topology: str | None, mesh_spec: str | None, programs: Programs, out=None,
+                 headroom: float = 0.0) -> int:
     """Prints the plan and its `PLAN {...}` line to `out`; returns the exit status: 0 fits, 1 does not
-    fit, 2 bad input (the message on stderr)."""
+    fit, 2 bad input (the message on stderr). A training job's report has its compiled FLOPs per token;
+    `job.remat == "auto"` searches the policies (planner/remat.py) and reports each one tried."""
     out = out or sys.stdout
+    log = (lambda m: print(m, file=sys.stderr, flush=True))
     try:
         if topology:
             topo = topo_lib.parse(topology)
             local_gpus = topo.kind == "gpu" and jax.default_backend() == "gpu" and jax.device_count() == topo.chips
-            result = plan(job, topo.name, mesh_spec, compile=topo.kind == "tpu" or local_gpus, programs=programs)
+            result = plan(job, topo.name, mesh_spec, compile=topo.kind == "tpu" or local_gpus, headroom=headroom,
+                          programs=programs, flops=job.training, log=log)
         else:
-            result = plan_local(job, mesh_spec, programs=programs)
+            result = plan_local(job, mesh_spec, programs=programs, headroom=headroom, flops=job.training, log=log)
     except (PlanError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

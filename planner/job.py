@@ -33,9 +33,10 @@ class Job:
     kv_len: int | None = None  # serving: KV-cache length per sequence (default: seq)
     lora_rank: int = 16
     lora_targets: tuple[str, ...] = lora_lib.TARGETS
-    remat: str = "full"  # none | full | dots | attn_proj
+    remat: str = "full"  # none | full | dots | attn_proj | auto (planner/remat.py: the cheapest that fits)
     accum: int = 1  # gradient accumulation: micro-batches of batch // accum rows
     layers: int | None = None  # reduced depth (tests, quick checks)
+    scan_layers: bool = True  # False: layers unrolled (planner/flops.py counts FLOPs per layer this way)
 
     def validate(self) -> None:
         if self.mode not in MODES:
@@ -48,8 +49,8 @@ class Job:
             raise PlanError(f"--mode lora trains adapters on a bf16 base; with --quant {self.quant} use --mode qlora")
         if self.mode == "full" and self.quant != "bf16":
             raise PlanError("--mode full trains every weight: it needs --quant bf16")
-        if self.remat not in REMAT_POLICIES:
-            raise PlanError(f"--remat {self.remat!r}: expected one of {', '.join(REMAT_POLICIES)}")
+        if self.remat not in (*REMAT_POLICIES, "auto"):
+            raise PlanError(f"--remat {self.remat!r}: expected one of {', '.join(REMAT_POLICIES)} or auto")
         for name, v in (("--seq", self.seq), ("--lora-rank", self.lora_rank), ("--accum", self.accum)):
             if v < 1:
                 raise PlanError(f"{name} must be >= 1, got {v}")
@@ -71,7 +72,9 @@ def model_config(job: Job) -> LlamaConfig:
     else:
         raise PlanError(f"unknown model {job.model!r}: give a preset ({', '.join(PRESETS)}) or the path of a "
                         f"Hugging Face config.json")
-    overrides = dict(remat=job.remat, lora=None)
+    if job.remat == "auto":
+        raise PlanError("remat=auto is resolved by the planner's search (planner/remat.py) before a config is built")
+    overrides = dict(remat=job.remat, lora=None, scan_layers=job.scan_layers)
     if job.layers:
         overrides["num_layers"] = job.layers
     try:

@@ -4,12 +4,15 @@ on this machine's own devices (what `python -m train --compile-only` does withou
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import jax
 
+from planner import remat
 from planner.compile import compile_job
 from planner.estimate import GiB, abstract_mesh, estimate
+from planner.flops import step_flops_per_token
 from planner.job import Job, PlanError, Programs, model_config
 from planner.search import MESH_HEADROOM, choose_mesh
 from sharding import topology as topo_lib
@@ -57,10 +60,26 @@ def _verdict(result: dict, headroom: float) -> None:
         result["analytic_vs_compiled"] = round(total / compiled - 1, 4)
 
 
+def _spec(sizes: dict[str, int]) -> str:
+    return ",".join(f"{a}={n}" for a, n in sizes.items())
+
+
 def plan(job: Job, topology: str, mesh_spec: str | None = None, compile: bool = False, headroom: float = 0.0,
-         *, programs: Programs) -> dict:
-    """The plan for `job` on `topology` (a name from sharding.topology) as one dict (the --json output)."""
+         *, programs: Programs, flops: bool = False, log=None) -> dict:
+    """The plan for `job` on `topology` (a name from sharding.topology) as one dict (the --json output).
+    `flops` (with `compile`, training): the step's compiled FLOPs per token against the model's
+    (planner/flops.py). `job.remat == "auto"`: the cheapest remat policy that fits (planner/remat.py)."""
     job.validate()
+    if job.remat == "auto":
+        result = remat.search(
+            job, lambda j: plan(j, topology, mesh_spec, False, headroom, programs=programs),
+            lambda j, a: plan(j, topology, mesh_spec or _spec(a["mesh"]), True, headroom, programs=programs)
+            if compile else a, headroom, log)
+        if flops and compile and job.training:
+            chosen = dataclasses.replace(job, remat=result["remat"])
+            result.update(step_flops_per_token(chosen, make_mesh(result["mesh"], _devices(topo_lib.parse(topology))),
+                                               programs))
+        return result
     try:
         topo = topo_lib.parse(topology)
     except ValueError as e:
@@ -89,6 +108,8 @@ def plan(job: Job, topology: str, mesh_spec: str | None = None, compile: bool = 
         mesh = make_mesh({a: sizes[a] for a in AXES}, _devices(topo))
         result["compiled"] = compile_job(job, mesh, programs)
         result["compiled_per_device_bytes"] = result["compiled"]["per_device_bytes"]
+        if flops and job.training:
+            result.update(step_flops_per_token(job, mesh, programs))
     _verdict(result, headroom)
     if job.training:
         tokens = batch * job.seq
@@ -149,16 +170,31 @@ def _local_capacity(device) -> int:
     return capacity
 
 
-def plan_local(job: Job, mesh_spec: str | None, *, programs: Programs) -> dict:
+def plan_local(job: Job, mesh_spec: str | None, *, programs: Programs, headroom: float = 0.0,
+               flops: bool = False, log=None) -> dict:
     """No topology: the job compiled on this machine's devices (capacity from the runtime)."""
     mesh = make_mesh(mesh_spec)
+    if job.remat == "auto":
+        result = remat.search(job, lambda j: _local(j, mesh, None, headroom),
+                              lambda j, a: _local(j, mesh, programs, headroom), headroom, log)
+        if flops:
+            result.update(step_flops_per_token(dataclasses.replace(job, remat=result["remat"]), mesh, programs))
+        return result
+    result = _local(job, mesh, programs, headroom)
+    if flops and job.training:
+        result.update(step_flops_per_token(job, mesh, programs))
+    return result
+
+
+def _local(job: Job, mesh, programs: Programs | None, headroom: float) -> dict:
+    """The plan on `mesh` of local devices: compiled with `programs`, analytic only without."""
     sizes = dict(mesh.shape)
     device = jax.devices()[0]
     est = estimate(job, abstract_mesh(sizes), device.platform)
     capacity = _local_capacity(device)
-    compiled = compile_job(job, mesh, programs)
+    compiled = compile_job(job, mesh, programs) if programs else None
     cfg = model_config(job)
-    basis = compiled["per_device_bytes"]
+    basis = compiled["per_device_bytes"] if compiled else sum(est.values())
     return {
         "model": job.model, "params": cfg.num_params(), "layers": cfg.num_layers, "mode": job.mode,
         "quant": job.quant, "topology": f"local ({jax.device_count()} × {device.device_kind})",
@@ -166,8 +202,9 @@ def plan_local(job: Job, mesh_spec: str | None, *, programs: Programs) -> dict:
         "mesh": {a: sizes[a] for a in AXES}, "batch": job.batch, "seq": job.seq, "accum": job.accum,
         "remat": job.remat, "kv_len": None, "lora": {"rank": job.lora_rank, "targets": list(job.lora_targets)},
         "per_device": est, "per_device_bytes": sum(est.values()), "compiled": compiled,
-        "compiled_per_device_bytes": basis, "capacity_bytes": capacity, "basis": "compiled",
-        "fits": basis <= capacity, "headroom": round(1 - basis / capacity, 4),
-        "short_by_bytes": max(0, basis - capacity),
-        "analytic_vs_compiled": round(sum(est.values()) / basis - 1, 4),
+        "compiled_per_device_bytes": compiled and basis, "capacity_bytes": capacity,
+        "basis": "compiled" if compiled else "analytic",
+        "fits": basis <= capacity * (1 - headroom), "headroom": round(1 - basis / capacity, 4),
+        "short_by_bytes": max(0, int(basis - capacity * (1 - headroom))),
+        "analytic_vs_compiled": round(sum(est.values()) / basis - 1, 4) if compiled else None,
     }

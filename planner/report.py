@@ -7,8 +7,8 @@ import json
 from planner.estimate import CATEGORIES, LABELS, GiB
 
 # the fields of the one-line `PLAN {...}` summary a job's --compile-only prints after the table
-SUMMARY_FIELDS = ("topology", "mesh", "per_device_bytes", "compiled_per_device_bytes", "capacity_bytes", "fits",
-                  "headroom")
+SUMMARY_FIELDS = ("topology", "mesh", "remat", "per_device_bytes", "compiled_per_device_bytes", "capacity_bytes",
+                  "fits", "headroom")
 
 
 def _gib(b) -> str:
@@ -64,9 +64,33 @@ def format_plan(r: dict) -> str:
                      f"lowered in {c['lower_seconds']} s, compiled in {c['compile_seconds']} s")
     elif r["topology"].startswith(("h100", "h200", "a100")):
         lines.append("(GPU: analytic only; run with --compile on the GPU node to confirm)")
+    lines += _flops_lines(r) + _remat_lines(r)
     if r.get("note"):
         lines.append(r["note"])
     return "\n".join(lines)
+
+
+def _flops_lines(r: dict) -> list[str]:
+    if not r.get("compiled_flops_per_token"):
+        return []
+    recompute = " (remat full recomputes the forward: about 1.5x for LoRA, 1.33x for full fine-tuning)" \
+        if r["remat"] == "full" else ""
+    return [f"FLOPs per token: compiled {r['compiled_flops_per_token']:.4g}, model {r['model_flops_per_token']:.4g} "
+            f"(forward, activation and trained-weight gradients, no recomputation): "
+            f"{r['compiled_vs_model']:.2f}x{recompute}"]
+
+
+def _remat_lines(r: dict) -> list[str]:
+    if not r.get("remat_search"):
+        return []
+    rows = []
+    for t in r["remat_search"]:
+        got = (f"compiled {_gib(t['compiled_bytes']).strip()} -> {'fits' if t['fits'] else 'does not fit'}"
+               if t["compiled_bytes"] is not None else t.get("note", ""))
+        rows.append(f"  {t['remat']:<10} analytic {_gib(t['analytic_bytes']).strip()}, {got}")
+    verdict = (f"remat auto: {r['remat']} (the least recomputation that fits)" if r["fits"] else
+               "remat auto: no policy fits")
+    return [verdict, *rows]
 
 
 def summary_line(r: dict) -> str:

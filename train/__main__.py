@@ -10,6 +10,7 @@ planning; this entry point hands it train's program (the one place train meets t
 """
 
 import argparse
+import dataclasses
 import functools
 import logging
 import math
@@ -17,11 +18,15 @@ import sys
 from pathlib import Path
 
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
 
 from model.formats.hub import HubError
 from model.job.startup import start_job
+from planner import remat as remat_search
 from planner.check import compile_only as plan_compile_only
 from planner.job import Job, Programs
+from planner.plan import plan_local
 from sharding import topology
 from sharding.mesh import parse_spec
 from train.config import TrainConfig, load_config
@@ -43,11 +48,28 @@ def job_for(cfg: TrainConfig) -> Job:
                remat=spec.remat, accum=cfg.data.grad_accum, layers=spec.num_layers)
 
 
-def compile_only(cfg: TrainConfig, out=None) -> int:
+def _programs(cfg: TrainConfig) -> Programs:
+    return Programs(lower_train=functools.partial(lower_step, optimizer_cfg=cfg.optimizer, total_steps=cfg.steps))
+
+
+def compile_only(cfg: TrainConfig, out=None, headroom: float = 0.0) -> int:
     """Compiles (or, for GPU nodes without their GPUs, plans) the config's step; prints FITS or DOES NOT
     FIT with the per-chip numbers. Returns the exit status: 0 fits, 1 does not fit, 2 bad config."""
-    programs = Programs(lower_train=functools.partial(lower_step, optimizer_cfg=cfg.optimizer, total_steps=cfg.steps))
-    return plan_compile_only(job_for(cfg), cfg.topology, cfg.mesh, programs, out)
+    return plan_compile_only(job_for(cfg), cfg.topology, cfg.mesh, _programs(cfg), out, headroom)
+
+
+def resolve_remat(cfg: TrainConfig, headroom: float) -> TrainConfig:
+    """`model.remat: auto` at run time: the policy that recomputes least among those whose step, compiled
+    for this job's devices, fits with `headroom` (planner/remat.py). Process 0's choice holds for all."""
+    log = logging.getLogger("train")
+    log.info("remat auto: compiling the step per policy on this job's devices to find the cheapest that fits")
+    r = plan_local(job_for(cfg), cfg.mesh, programs=_programs(cfg), headroom=headroom, log=log.info)
+    index = int(multihost_utils.broadcast_one_to_all(np.int32(remat_search.ORDER.index(r["remat"]))))
+    choice = remat_search.ORDER[index]
+    if not r["fits"]:
+        log.warning("remat auto: no policy fits with %.0f%% headroom; using %s", headroom * 100, choice)
+    log.info("remat auto: %s", choice)
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, remat=choice))
 
 
 def missing_devices(cfg: TrainConfig, config_name: str | None) -> str | None:
@@ -72,13 +94,15 @@ def main(argv=None) -> int:
     parser.add_argument("--config", default=None, help="a config in configs/ (by name) or a YAML path; default: toy_cpu")
     parser.add_argument("--compile-only", action="store_true",
                         help="compile the step for the config's mesh/topology, print per-chip memory, exit 0 if it fits")
+    parser.add_argument("--headroom", type=float, default=0.0,
+                        help="fraction of device memory to keep free (--compile-only's verdict, model.remat=auto)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. steps=50 lora.rank=8")
     args = parser.parse_args(argv)
     cfg = start_job(load_config, args.config, args.overrides)
     if cfg is None:
         return 2
     if args.compile_only:
-        return compile_only(cfg)
+        return compile_only(cfg, headroom=args.headroom)
     try:
         line = missing_devices(cfg, args.config)
     except ValueError as e:  # a malformed mesh spec
@@ -86,6 +110,8 @@ def main(argv=None) -> int:
     if line is not None:
         print(line, file=sys.stderr)
         return 2
+    if cfg.model.remat == "auto":
+        cfg = resolve_remat(cfg, args.headroom)
     try:
         result = run(cfg)
     except (DataError, FloatingPointError, HubError) as e:

@@ -15,7 +15,7 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 class ModelSpec(resolve.ModelSpec):
     """The shared model spec (model/job/resolve.py: preset, checkpoint, dtype, quant, attention, …) plus:"""
 
-    remat: str = "full"  # none | full | dots | attn_proj
+    remat: str = "full"  # none | full | dots | attn_proj | auto (the least recomputation that fits: planner/remat.py)
 
 
 @dataclasses.dataclass(frozen=True)
