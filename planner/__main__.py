@@ -37,9 +37,10 @@ from planner.plan import plan, smallest
 from planner.report import format_plan
 from serve.compile_check import lower_step as lower_serve
 from train.program import lower_step as lower_train
+from train.program import trace_step as trace_train
 
 # The entry point is where the planner meets the jobs it plans: their real steps, lowered.
-PROGRAMS = Programs(lower_train=lower_train, lower_serve=lower_serve)
+PROGRAMS = Programs(lower_train=lower_train, lower_serve=lower_serve, trace_train=trace_train)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -64,8 +65,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--headroom", type=float, default=0.0, help="fraction of HBM to keep free for FITS (e.g. 0.1)")
     p.add_argument("--compile", action="store_true", help="compile the real step for the TPU topology (AOT)")
     p.add_argument("--flops", action="store_true",
-                   help="with --compile, training: the step's compiled FLOPs per token against the model's (two "
-                        "more compiles, at depth 1 and 2 unrolled)")
+                   help="with --compile, training: the step's matmul FLOPs per token (counted in its jaxpr, "
+                        "recomputation included) against the model's")
     p.add_argument("--smallest", action="store_true", help="the smallest slice of --topology's family that fits")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     return p

@@ -37,7 +37,6 @@ GiB = 1 << 30
 TRAIN_ACT_D, TRAIN_ACT_F = 4.0, 4.0  # bytes per token per D / per F_local element live in a layer's backward
 SERVE_ACT_D, SERVE_ACT_F = 8.0, 4.0  # float32 residual / norm copies, MLP intermediate
 LOGIT_COPIES_TRAIN, LOGIT_COPIES_SERVE = 2.0, 1.0  # float32 logits and their gradient
-DEQUANT_COPIES = 2.0  # int4 training: XLA (TPU seen; GPU assumed) materialises dequantized bf16 gate/up
 
 
 def abstract_mesh(sizes: dict[str, int]) -> jax.sharding.AbstractMesh:
@@ -138,7 +137,7 @@ def _local(job: Job, cfg, mesh, rules) -> _Local:
                   scores=rows_l * K_l * (N // K) * q_l * T * 4, sharded_w=sharded_w)
 
 
-def _training(job: Job, cfg, tree: _Tree, lo: _Local, platform: str, out: dict) -> tuple[float, float]:
+def _training(job: Job, cfg, tree: _Tree, lo: _Local, out: dict) -> tuple[float, float]:
     """Fills the training categories; (one layer's temporaries, the loss's)."""
     D, H, L, cb = cfg.dim, cfg.head_dim, cfg.num_layers, lo.cb
     out["lora_params"] = tree.lora
@@ -156,8 +155,6 @@ def _training(job: Job, cfg, tree: _Tree, lo: _Local, platform: str, out: dict) 
         layer += tree.mlp_gathered
     if job.mode == "full":  # a layer's weight gradient before its reduce-scatter
         layer += tree.layer_gathered
-    if cfg.quant is not None and cfg.quant.group_size and platform != "cpu":
-        layer += DEQUANT_COPIES * D * lo.F_l * cb
     head = (tree.head_gathered if lo.sharded_w else 0) + LOGIT_COPIES_TRAIN * lo.tok * lo.V_l * 4
     return layer, head
 
@@ -185,7 +182,7 @@ def estimate(job: Job, mesh, platform: str = "tpu") -> dict[str, int]:
     out = dict.fromkeys(CATEGORIES, 0)
     out["weights"] = tree.base
     if job.training:
-        layer, head = _training(job, cfg, tree, lo, platform, out)
+        layer, head = _training(job, cfg, tree, lo, out)
     else:
         layer, head = _serving(job, cfg, tree, lo, mesh, rules, out)
     # A one-layer scan is inlined by XLA, and then the loss overlaps the layer's buffers.

@@ -36,7 +36,6 @@ class Job:
     remat: str = "full"  # none | full | dots | attn_proj | auto (planner/remat.py: the cheapest that fits)
     accum: int = 1  # gradient accumulation: micro-batches of batch // accum rows
     layers: int | None = None  # reduced depth (tests, quick checks)
-    scan_layers: bool = True  # False: layers unrolled (planner/flops.py counts FLOPs per layer this way)
 
     def validate(self) -> None:
         if self.mode not in MODES:
@@ -74,7 +73,7 @@ def model_config(job: Job) -> LlamaConfig:
                         f"Hugging Face config.json")
     if job.remat == "auto":
         raise PlanError("remat=auto is resolved by the planner's search (planner/remat.py) before a config is built")
-    overrides = dict(remat=job.remat, lora=None, scan_layers=job.scan_layers)
+    overrides = dict(remat=job.remat, lora=None)
     if job.layers:
         overrides["num_layers"] = job.layers
     try:
@@ -95,3 +94,5 @@ class Programs:
     lower_train: Callable[..., jax.stages.Lowered]
     # serve.compile_check.lower_step: (mcfg, mesh, *, tokens, seqs, max_len, kv_tokens, kv_dtype, rules)
     lower_serve: Callable[..., jax.stages.Lowered] | None = None
+    # (mcfg, mesh, *, batch, seq, accum) -> the training step traced (planner/flops.py counts its jaxpr)
+    trace_train: Callable[..., jax.stages.Traced] | None = None

@@ -67,7 +67,7 @@ def _spec(sizes: dict[str, int]) -> str:
 def plan(job: Job, topology: str, mesh_spec: str | None = None, compile: bool = False, headroom: float = 0.0,
          *, programs: Programs, flops: bool = False, log=None) -> dict:
     """The plan for `job` on `topology` (a name from sharding.topology) as one dict (the --json output).
-    `flops` (with `compile`, training): the step's compiled FLOPs per token against the model's
+    `flops` (with `compile`, training): the step's matmul FLOPs per token against the model's
     (planner/flops.py). `job.remat == "auto"`: the cheapest remat policy that fits (planner/remat.py)."""
     job.validate()
     if job.remat == "auto":

@@ -71,13 +71,14 @@ def format_plan(r: dict) -> str:
 
 
 def _flops_lines(r: dict) -> list[str]:
-    if not r.get("compiled_flops_per_token"):
+    if not r.get("program_flops_per_token"):
         return []
     recompute = " (remat full recomputes the forward: about 1.5x for LoRA, 1.33x for full fine-tuning)" \
         if r["remat"] == "full" else ""
-    return [f"FLOPs per token: compiled {r['compiled_flops_per_token']:.4g}, model {r['model_flops_per_token']:.4g} "
-            f"(forward, activation and trained-weight gradients, no recomputation): "
-            f"{r['compiled_vs_model']:.2f}x{recompute}"]
+    loops = (f"; {r['uncounted_loops']} while loop(s) counted once" if r["uncounted_loops"] else "")
+    return [f"matmul FLOPs per token: the step's program {r['program_flops_per_token']:.4g}, the model "
+            f"{r['model_flops_per_token']:.4g} (forward, activation and trained-weight gradients, no "
+            f"recomputation): {r['program_vs_model']:.2f}x{recompute}{loops}"]
 
 
 def _remat_lines(r: dict) -> list[str]:

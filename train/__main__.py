@@ -32,7 +32,7 @@ from sharding.mesh import parse_spec
 from train.config import TrainConfig, load_config
 from train.data import DataError
 from train.loop import run
-from train.program import lower_step
+from train.program import lower_step, trace_step
 
 
 def job_for(cfg: TrainConfig) -> Job:
@@ -49,7 +49,8 @@ def job_for(cfg: TrainConfig) -> Job:
 
 
 def _programs(cfg: TrainConfig) -> Programs:
-    return Programs(lower_train=functools.partial(lower_step, optimizer_cfg=cfg.optimizer, total_steps=cfg.steps))
+    kw = dict(optimizer_cfg=cfg.optimizer, total_steps=cfg.steps)
+    return Programs(lower_train=functools.partial(lower_step, **kw), trace_train=functools.partial(trace_step, **kw))
 
 
 def compile_only(cfg: TrainConfig, out=None, headroom: float = 0.0) -> int:

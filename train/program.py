@@ -114,12 +114,16 @@ class TrainProgram:
         """Model FLOPs per trained token (for MFU)."""
         return self.config.train_flops_per_token(self.shape.seq, lora_only=self.config.lora is not None)
 
-    def lower(self) -> jax.stages.Lowered:
-        """The step lowered from abstract shapes for this program's mesh."""
+    def trace(self) -> jax.stages.Traced:
+        """The step traced from abstract shapes for this program's mesh."""
         glob = self.shape.global_shape()
         batch = {k: jax.ShapeDtypeStruct(glob, BATCH_DTYPES[k], sharding=self.batch_shardings[k]) for k in BATCH_KEYS}
-        return self.step.lower(abstract_arrays(self.abstract_state, self.state_shardings),
+        return self.step.trace(abstract_arrays(self.abstract_state, self.state_shardings),
                                abstract_arrays(self.abstract_frozen, self.frozen_shardings), batch)
+
+    def lower(self) -> jax.stages.Lowered:
+        """The step lowered from abstract shapes for this program's mesh."""
+        return self.trace().lower()
 
 
 def _global_shape(local: np.ndarray, rows: int, accum: int) -> tuple[int, ...]:
@@ -133,6 +137,13 @@ def lower_step(cfg: LlamaConfig, mesh: Mesh, *, batch: int, seq: int, accum: int
                optimizer_cfg: OptimizerConfig | None = None, total_steps: int = 1000) -> jax.stages.Lowered:
     """The real training step for `mesh`, lowered from abstract shapes: the planner's (and
     `--compile-only`'s) view of train."""
+    return trace_step(cfg, mesh, batch=batch, seq=seq, accum=accum, optimizer_cfg=optimizer_cfg,
+                      total_steps=total_steps).lower()
+
+
+def trace_step(cfg: LlamaConfig, mesh: Mesh, *, batch: int, seq: int, accum: int = 1,
+               optimizer_cfg: OptimizerConfig | None = None, total_steps: int = 1000) -> jax.stages.Traced:
+    """The real training step for `mesh`, traced from abstract shapes (its jaxpr: planner/flops.py)."""
     program = TrainProgram.abstract(cfg, mesh, StepShape(batch, seq, accum), optimizer_cfg or OptimizerConfig(),
                                     total_steps)
-    return program.lower()
+    return program.trace()
