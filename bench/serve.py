@@ -12,7 +12,10 @@ Measured:
   - batch-1 greedy decode tokens/s (128-token prompt), ours per weight format and the peer's per dtype;
   - roofline: copy bandwidth / weight bytes read per token (every weight but the embedding table,
     int4 packed, scales included), and our fraction of it;
-  - aggregate tokens/s with 16 concurrent requests, and time to first token (batch 1 and under load).
+  - aggregate tokens/s with 16 concurrent requests, and time to first token (batch 1 and under load);
+  - several LoRA adapters (--lora): 16 concurrent requests spread over 8 adapters vs the same load on one
+    adapter (same engine, adapter slots of serve/adapters.py), and batch-1 decode with an adapter vs an
+    engine without adapter slots (targets: >= 70% and within 15%).
 Weights are random (seeded), written once as an HF safetensors directory that both sides load.
 """
 
@@ -211,13 +214,13 @@ class Driver:
         self.submitted: dict[int, float] = {}
         self.done: set[int] = set()
 
-    def submit(self, key: int, prompt: list[int], max_tokens: int | None = None):
+    def submit(self, key: int, prompt: list[int], max_tokens: int | None = None, adapter: str | None = None):
         from serve.sampling import SamplingParams
 
         sp = self.sp if max_tokens is None else SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
         self.stamps[key], self.submitted[key] = [], time.perf_counter()
         self.eng.submit(prompt, sp, lambda ev: (self.stamps[key].append(time.perf_counter()),
-                                                ev.finished and self.done.add(key)))
+                                                ev.finished and self.done.add(key)), adapter=adapter)
 
     def run_until(self, cond):
         while not cond():
@@ -333,6 +336,82 @@ def concurrency(ckpt: Path, dtype: str, quant: str | None, kv_dtype: str, new_to
     return out
 
 
+def random_peft(cfg, out: Path, rank: int, seed: int) -> Path:
+    """A random PEFT adapter (every target, rank `rank`, non-zero B) for models of config `cfg`."""
+    from flax import nnx
+
+    from model.formats.peft import export_peft
+    from model.network.lora import LoraConfig
+    from model.network.model import abstract_model
+
+    cfg = cfg.replace(lora=LoraConfig(rank=rank, alpha=2.0 * rank), quant=None)
+    rng = np.random.default_rng(seed)
+    flat = {tuple(str(k) for k in p): rng.normal(0, 0.02, v.shape).astype(np.float32)
+            for p, v in nnx.to_flat_state(abstract_model(cfg)[1].filter(nnx.LoRAParam))}
+    return export_peft(flat, cfg, out)
+
+
+def _rate(eng, jobs: list[tuple[list[int], str | None]], new_tokens: int) -> float:
+    """Aggregate tokens/s of `jobs` (prompt, adapter) submitted at once, first submission to last token."""
+    d = Driver(eng, new_tokens)
+    for i, (p, a) in enumerate(jobs):
+        d.submit(i, p, adapter=a)
+    t0 = time.perf_counter()
+    d.finish()
+    return sum(len(s) for s in d.stamps.values()) / (max(s[-1] for s in d.stamps.values()) - t0)
+
+
+def _batch1(eng, prompt, new_tokens: int, adapter: str | None) -> float:
+    d = Driver(eng, new_tokens)
+    d.submit(0, prompt, adapter=adapter)
+    d.finish()
+    s = d.stamps[0]
+    return (len(s) - 1) / (s[-1] - s[0])
+
+
+def multi_lora(ckpt: Path, dtype: str, prompt: list[int], new_tokens: int, repeats: int, concurrency: int,
+               adapters: int = 8, rank: int = 16) -> dict:
+    """Several adapters in the same steps vs one; batch-1 decode with an adapter vs no adapter slots at all."""
+    import model
+    from model.network.lora import LoraSlots
+    from serve.config import EngineConfig
+    from serve.engine import Engine
+
+    max_len = 1 << (len(prompt) + new_tokens + 1).bit_length()
+    ecfg = EngineConfig(max_slots=concurrency, max_len=max_len, prefill_chunk=len(prompt),
+                        prefill_tokens=len(prompt) * 4, min_kv_bucket=max_len, max_loras=adapters, max_lora_rank=rank)
+    m = model.load(ckpt, dtype=dtype, lora=LoraSlots(rank=rank, slots=adapters, dtype=dtype))
+    eng = Engine(m, _tokenizer(m), ecfg)
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(adapters):
+            eng.load_adapter(f"a{i}", str(random_peft(m.config, Path(tmp) / f"a{i}", rank, seed=i)))
+    rng = np.random.default_rng(5)
+    many = [[int(t) for t in rng.integers(0, 256, len(prompt))] for _ in range(concurrency)]
+    spread = [(p, f"a{i % adapters}") for i, p in enumerate(many)]
+    one = [(p, "a0") for p in many]
+    _rate(eng, spread, new_tokens)  # compiles
+    best = {"spread": 0.0, "one": 0.0}
+    for k in range(repeats):  # interleaved, in alternating order, so a change of machine load hits both
+        for name in (("one", "spread") if k % 2 == 0 else ("spread", "one")):
+            best[name] = max(best[name], _rate(eng, spread if name == "spread" else one, new_tokens))
+    best_spread, best_one = best["spread"], best["one"]
+    _batch1(eng, prompt, new_tokens, "a0")  # compiles the batch-1 buckets
+    plain = Engine(model.load(ckpt, dtype=dtype), _tokenizer(m), ecfg)
+    _batch1(plain, prompt, new_tokens, None)
+    b1 = {"with": 0.0, "without": 0.0, "base_same": 0.0}
+    runs = {"with": (eng, "a0"), "without": (plain, None), "base_same": (eng, None)}
+    for k in range(repeats):
+        for name in (list(runs) if k % 2 == 0 else list(runs)[::-1]):
+            b1[name] = max(b1[name], _batch1(runs[name][0], prompt, new_tokens, runs[name][1]))
+    with_a, without, base_same = b1["with"], b1["without"], b1["base_same"]
+    return {"adapters": adapters, "rank": rank, "concurrency": concurrency,
+            "spread_tokens_per_s": best_spread, "one_adapter_tokens_per_s": best_one,
+            "spread_vs_one": best_spread / best_one,
+            "batch1_adapter_tokens_per_s": with_a, "batch1_no_slots_tokens_per_s": without,
+            "batch1_base_on_slot_engine_tokens_per_s": base_same, "batch1_adapter_vs_no_slots": with_a / without,
+            "layout": eng.layout, "cpu_kernels": eng.cpu_kernels}
+
+
 def _tokenizer(m):
     from model.formats.tokenizer import ByteTokenizer
 
@@ -363,6 +442,7 @@ def main(argv=None) -> int:
                                                           "interruption, shared prefix, capacity)")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--skip-batch1", action="store_true", help="only the --paged measurements (and the peer)")
+    p.add_argument("--lora", nargs="*", default=[], help="also the multi-adapter measurements for these formats")
     args = p.parse_args(argv)
     formats = {"f32": ("float32", None), "bf16": ("bfloat16", None), "int8": ("bfloat16", "int8"),
                "int4": ("bfloat16", "int4")}
@@ -404,6 +484,10 @@ def main(argv=None) -> int:
         params = matmul_params(ckpt, dtype, quant)
         emit(what="ours_paged", weights=f, **r, matmul_flops=flops,
              prefill_fraction_of_matmul=2 * params * r["prefill_tokens_per_s"] / flops, load_avg=os.getloadavg())
+    for f in args.lora:
+        dtype, quant = formats[f]
+        emit(what="ours_multi_lora", weights=f, **multi_lora(ckpt, dtype, prompt, args.new_tokens, args.repeats,
+                                                             args.concurrency), load_avg=os.getloadavg())
     for f in ([] if args.skip_batch1 else args.formats):
         dtype, quant = formats[f]
         results[f] = ours(ckpt, dtype, quant, prompt, args.new_tokens, args.repeats, args.concurrency,

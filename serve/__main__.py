@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     from serve.engine import Engine
     from serve.sampling import SamplingParams
     from serve.server import check_exposure, run_server
-    from serve.weights import build
+    from serve.weights import adapter_slots, build, load_modules, served_names
     from sharding.mesh import make_mesh
 
     cfg = start_job(load_config, args.config, args.overrides)
@@ -62,9 +62,10 @@ def main(argv=None) -> int:
             check_exposure(cfg.server)  # before the weights load: a refused start is quick
         devices = jax.devices()[:cfg.devices] if cfg.devices else jax.devices()
         mesh = make_mesh(cfg.mesh, devices)
-        model, tokenizer, name = build(cfg.model, mesh)
+        model, tokenizer, name = build(cfg.model, mesh, adapter_slots(cfg))
         engine = Engine(model, tokenizer, cfg.engine)
         engine.release_model_weights()  # the engine holds what it runs (per-layer copies on CPU)
+        load_modules(engine, cfg.model)  # model.lora_modules into adapter slots
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -93,7 +94,7 @@ def main(argv=None) -> int:
         return 0 if r["finish_reason"] != "error" else 1
 
     log.info("serving %s on http://%s:%d/v1", name, cfg.server.host, cfg.server.port)
-    run_server(engine, tokenizer, name, cfg.server)
+    run_server(engine, tokenizer, name, cfg.server, served_names(cfg.model))
     return 0
 
 

@@ -38,6 +38,7 @@ from model.network.config import LlamaConfig
 from model.network.model import abstract_model, state_shardings
 from serve.config import EngineConfig
 from serve.scheduler import bucket
+from serve.weights import adapter_slots
 from serve.step import Batch, Program, StepShape, step_fn
 from sharding import topology as topo_lib
 from sharding.mesh import AXES, axis_sizes, make_mesh
@@ -48,8 +49,10 @@ GiB, MiB = 1 << 30, 1 << 20
 
 
 def model_config(cfg) -> LlamaConfig:
-    """The LlamaConfig `python -m serve` would build for `cfg` (without reading any weights)."""
-    return resolve.model_config(cfg.model, remat="none", scan_layers=cfg.model.scan_layers, lora=None)
+    """The LlamaConfig `python -m serve` would build for `cfg` (without reading any weights; adapter slots
+    included when model.lora_modules or server.runtime_lora ask for them)."""
+    return resolve.model_config(cfg.model, remat="none", scan_layers=cfg.model.scan_layers,
+                                lora=adapter_slots(cfg))
 
 
 def pool_blocks(kv_tokens: int, block_size: int) -> int:

@@ -19,6 +19,10 @@ class ModelSpec(resolve.ModelSpec):
     adapter_mode: str = "auto"  # merge (W + s·A·B into the kernel) | dynamic (on the fly) | auto
     tokenizer: str | None = None  # "bytes", a tokenizer file or directory; default: the checkpoint's
     name: str | None = None  # the model id clients send; default: the checkpoint's directory name or preset
+    served_names: tuple[str, ...] = ()  # names of the base model clients may send (the first is the id shown)
+    # LoRA adapters served beside the base, chosen per request by `model` (vLLM's --lora-modules):
+    # name -> PEFT directory, this project's checkpoint or a training run; `{sql: /path/a, chat: /path/b}`
+    lora_modules: dict[str, str] = dataclasses.field(default_factory=dict)
     seed: int = 0  # random weights of a preset
     scan_layers: bool = True
 
@@ -44,9 +48,12 @@ class EngineConfig:
     decode_steps: int = 0  # tokens per decode call while no prompt waits; 0 = auto: 4 on one CPU device, else 1
     # (spreads the host's per-call cost; unrolled, so the decode step's compile time grows with it)
     cpu_kernels: bool = True  # one CPU device: products and cache attention with model/network/backends/cpu_*.cc
+    max_loras: int = 4  # LoRA adapter slots (with model.lora_modules or server.runtime_lora)
+    max_lora_rank: int = 16  # the largest adapter rank those slots take (smaller ranks are zero-padded)
 
     def __post_init__(self):
-        for name in ("max_slots", "max_len", "prefill_chunk", "prefill_tokens", "min_kv_bucket", "block_size"):
+        for name in ("max_slots", "max_len", "prefill_chunk", "prefill_tokens", "min_kv_bucket", "block_size",
+                     "max_loras", "max_lora_rank"):
             if getattr(self, name) < 1:
                 raise ValueError(f"engine.{name} must be >= 1, got {getattr(self, name)}")
         if self.kv_tokens < 0:
@@ -76,7 +83,6 @@ class ServerConfig:
     api_key: str | None = dataclasses.field(default=None, metadata={"non_empty": True})
     max_prompt_tokens: int | None = None  # default: engine.max_len - 1
     max_tokens: int | None = None  # the largest max_tokens a request may ask for; default: engine.max_len - 1
-    default_max_tokens: int = 256  # when a request gives none (OpenAI completions default to 16)
     max_body_bytes: int = 1 << 20  # request body limit
     max_n: int = 8  # choices per request (n × prompts)
     max_queue: int = 1024  # waiting requests before 429 (open responses count: a stalled stream holds its place)
@@ -91,11 +97,13 @@ class ServerConfig:
     max_connections: int = 1024  # open connections and requests; beyond it uvicorn answers 503
     stream_buffer: int = 256  # events queued for one request that its client has not taken; beyond: cancelled
     max_stop_chars: int = 256  # the longest stop string (characters)
+    max_stop: int = 64  # stop strings per request (lm-evaluation-harness sends more than OpenAI's 4)
     retry_after: int = 1  # seconds, in the Retry-After header of a 429
+    runtime_lora: bool = False  # POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's opt-in)
 
     def __post_init__(self):
         for name in ("header_timeout", "body_timeout", "request_timeout", "keep_alive_timeout", "max_header_bytes",
-                     "max_connections", "stream_buffer", "max_stop_chars", "max_n", "max_queue", "max_body_bytes"):
+                     "max_connections", "stream_buffer", "max_stop_chars", "max_stop", "max_n", "max_queue", "max_body_bytes"):
             v = getattr(self, name)
             if not v > 0 or v == float("inf"):
                 raise ValueError(f"server.{name} must be a finite number > 0, got {v}")

@@ -24,6 +24,7 @@ from __future__ import annotations
 import collections
 import itertools
 import logging
+import queue
 import threading
 import time
 from collections.abc import Callable
@@ -33,7 +34,8 @@ import numpy as np
 
 from model.network import kv_cache, paged_attention
 from model.network.model import Model
-from serve import layout
+from serve import adapters as adapters_lib
+from serve import layout, prompt_logprobs
 from serve.config import EngineConfig
 from serve.events import Event, TextStream, TokenLogprob
 from serve.sampling import SamplingParams, SamplingRows
@@ -62,8 +64,12 @@ class Engine:
         self.decode_steps = cfg.decode_steps or (4 if self.cpu_kernels else 1)
         program = Program(model.graphdef, model.mesh, self.rules, self.cpu_kernels, self.attention)
         self.device_step = DeviceStep(program, self.weights, kv_cache.shardings(self.cache, model.mesh, self.rules))
+        slots = mcfg.lora if isinstance(mcfg.lora, adapters_lib.LoraSlots) else None
+        self.adapters = adapters_lib.AdapterSlots(mcfg, slots)  # names for /v1/models: self.adapters.names
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()  # run on the engine thread between steps
         self.stats = collections.Counter()
         self.scheduler = Scheduler(cfg, self.stats)
+        self.scheduler.stop_ids = self.stop_ids  # min_tokens masks them
         self._ids = itertools.count()
         self._rng = np.random.default_rng(cfg.seed)
         self._wake = threading.Event()
@@ -74,8 +80,9 @@ class Engine:
     # public interface (thread-safe)
 
     def submit(self, prompt: list[int], params: SamplingParams, emit: Callable[[Event], None],
-               request_id: str | None = None) -> str:
-        """Queues a request; `emit` receives its events (from the engine thread)."""
+               request_id: str | None = None, adapter: str | None = None) -> str:
+        """Queues a request for the base model or the loaded LoRA `adapter` (a name; an unknown one raises
+        LoraRequestError, a ValueError); `emit` receives its events (from the engine thread)."""
         prompt = [int(t) for t in prompt]
         if not prompt:
             raise ValueError("the prompt is empty (at least one token is needed)")
@@ -100,9 +107,55 @@ class Engine:
             SamplingRows.host([params], [seed], [0])
         except (OverflowError, ValueError, TypeError) as e:
             raise ValueError(f"sampling parameters out of range: {e}") from None
-        self.scheduler.put(Request(rid, prompt, params, emit, seed, TextStream(self.tokenizer, params.stop)))
+        held = None if adapter is None else self.adapters.acquire(adapter)
+        self.scheduler.put(Request(rid, prompt, params, emit, seed, TextStream.of(self.tokenizer, params),
+                                   adapter=held))
         self._wake.set()
         return rid
+
+    def load_adapter(self, name: str, path: str) -> adapters_lib.Adapter:
+        """Loads a LoRA adapter (PEFT directory, this project's checkpoint or a training run) into a free slot
+        under `name`; LoraRequestError (nothing changed) if it cannot be served here. Read on the calling
+        thread; written to the device on the engine thread, between steps."""
+        host = self.adapters.read(name, path, adapters_lib.slot_shapes(self.weights))
+
+        def install():
+            a = self.adapters.claim(name, str(path), host.rank)
+            try:
+                adapters_lib.write_slot(self.weights, a.row, host)
+            except Exception:
+                self.adapters.unclaim(a)
+                raise
+            self.device_step.set_weights(self.weights)
+            log.info("LoRA adapter %s (rank %d) from %s in slot %d", name, host.rank, path, a.row)
+            return a
+
+        return self._on_engine_thread(install)
+
+    def unload_adapter(self, name: str) -> None:
+        """`name` is no longer served (new requests for it are refused); requests already using it finish with
+        it, then its slot is free."""
+        self.adapters.unload(name)
+        log.info("LoRA adapter %s unloaded", name)
+
+    def _on_engine_thread(self, fn):
+        if self._thread is None or threading.current_thread() is self._thread:
+            return fn()
+        done, box = threading.Event(), {}
+
+        def run():
+            try:
+                box["value"] = fn()
+            except BaseException as e:
+                box["error"] = e
+            done.set()
+
+        self._commands.put(run)
+        self._wake.set()
+        done.wait()
+        if "error" in box:
+            raise box["error"]
+        return box["value"]
 
     def cancel(self, request_id: str) -> None:
         self.scheduler.cancel(request_id)
@@ -121,6 +174,8 @@ class Engine:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+        while not self._commands.empty():  # an adapter load that arrived as the engine stopped
+            self._commands.get_nowait()()
 
     def release_model_weights(self) -> None:
         """With the unrolled layout the engine holds its own per-layer copies of the block weights; this
@@ -165,6 +220,8 @@ class Engine:
                     r["logprobs"] += ev.logprobs
                 if ev.ttft is not None:
                     r["ttft"] = ev.ttft
+                if ev.prompt_logprobs is not None:
+                    r["prompt_logprobs"] = ev.prompt_logprobs
                 if ev.finished:
                     r.update(finish_reason=ev.finish_reason, error=ev.error, prompt_tokens=ev.prompt_tokens,
                              completion_tokens=ev.completion_tokens)
@@ -208,6 +265,8 @@ class Engine:
 
     def step(self) -> bool:
         """One iteration: intake, one device step. False when there was nothing to do."""
+        while not self._commands.empty():
+            self._commands.get_nowait()()
         for req in self.scheduler.intake():
             if not req.done:
                 self._finish(req, "cancelled")
@@ -222,8 +281,11 @@ class Engine:
                                self.model.mesh, self.rules)
 
     def _finish(self, req: Request, reason: str, text: str = "", tokens=(), logprobs=None, error=None, ttft=None):
+        first = not req.done
         req.done = True
         self.scheduler.release(req)
+        if first and req.adapter is not None:
+            self.adapters.release(req.adapter)
         self.stats[f"finish_{reason}"] += 1
         self._emit(req, Event(req.id, text, list(tokens), logprobs, reason, len(req.prompt), len(req.generated),
                               error, ttft))
@@ -290,6 +352,9 @@ class Engine:
                 self._fail_all(message)
             return
         self.stats["steps"] += 1
+        if plan.shape.prompt_logprobs:  # echo: the prompt tokens' log-probs, before `computed` moves on
+            prompt_logprobs.collect(plan, out[4:], self.tokenizer, self._emit)
+            out = out[:4]
         self.stats["step_rows"] += len(plan.reqs)
         for i, r in enumerate(plan.reqs):
             self.stats["decode_tokens" if r.decoding else "prefill_tokens"] += plan.counts[i]
@@ -325,7 +390,7 @@ class Engine:
         if (tok in self.stop_ids and not r.params.ignore_eos) or tok in r.params.stop_token_ids:
             finish = "stop"
         else:
-            text, stop_hit = r.text.push(tok)
+            text, stop_hit = r.text.push(tok, check_stop=len(r.generated) >= r.params.min_tokens)
             if stop_hit:
                 finish = "stop"
         if finish is None and len(r.generated) >= r.params.max_tokens:

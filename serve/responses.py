@@ -26,21 +26,28 @@ class Result:
     logprobs: list[list[TokenLogprob]]
     finish_reasons: list[str]
     completion_tokens: int
+    prompt_logprobs: list[list[TokenLogprob] | None] | None = None  # echo, per choice
 
 
 @dataclasses.dataclass
 class CompletionShape:
-    """/v1/completions: `text_completion` objects; `logprobs` is the request's (None: no log-probs)."""
+    """/v1/completions: `text_completion` objects; `logprobs` is the request's (None: no log-probs).
+    `echo` (the prompt's text per choice; None: no echo): each choice's text starts with its prompt and, with
+    log-probs, they start with the prompt tokens' (the first one's log-prob and top alternatives null), as
+    OpenAI's legacy API and vLLM answer; streamed, the first chunk of a choice carries them."""
 
     id: str
     created: int
     model: str
     logprobs: int | None
     choices: int
+    echo: list[str] | None = None
     offsets: list[int] = dataclasses.field(init=False)  # streamed text so far, per choice (text_offset)
+    echoed: list[bool] = dataclasses.field(init=False)
 
     def __post_init__(self):
         self.offsets = [0] * self.choices
+        self.echoed = [self.echo is None] * self.choices
 
     def envelope(self, choices: list, **extra) -> dict:
         return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
@@ -50,18 +57,28 @@ class CompletionShape:
         return []
 
     def chunks(self, i: int, ev) -> list[dict]:
-        if not (ev.text or ev.finished or ev.logprobs):
+        text, lps = ev.text, ev.logprobs
+        if not self.echoed[i]:  # the prompt first (its log-probs come in an event of their own, before any token)
+            self.echoed[i] = True
+            text = self.echo[i] + text
+            if ev.prompt_logprobs is not None:
+                lps = ev.prompt_logprobs + (lps or [])
+        if not (text or ev.finished or lps):
             return []
-        choice = {"index": i, "text": ev.text, "logprobs": self._logprobs(ev.logprobs, self.offsets[i]),
+        choice = {"index": i, "text": text, "logprobs": self._logprobs(lps, self.offsets[i]),
                   "finish_reason": ev.finish_reason}
-        self.offsets[i] += len(ev.text)
+        self.offsets[i] += len(text)
         return [self.envelope([choice])]
 
     def body(self, r: Result, prompt_tokens: int) -> dict:
         choices = []
         for i in range(self.choices):
-            lp = self._logprobs(r.logprobs[i], 0) if self.logprobs is not None else None
-            choices.append({"index": i, "text": r.texts[i], "logprobs": lp, "finish_reason": r.finish_reasons[i]})
+            text, lps = r.texts[i], r.logprobs[i]
+            if self.echo is not None:
+                text = self.echo[i] + text
+                lps = (r.prompt_logprobs[i] or []) + lps if r.prompt_logprobs else lps
+            lp = self._logprobs(lps, 0) if self.logprobs is not None else None
+            choices.append({"index": i, "text": text, "logprobs": lp, "finish_reason": r.finish_reasons[i]})
         return self.envelope(choices, usage=usage(prompt_tokens, r.completion_tokens))
 
     def _logprobs(self, lps: list[TokenLogprob] | None, offset: int) -> dict | None:
@@ -71,7 +88,7 @@ class CompletionShape:
         for lp in lps:
             toks.append(lp.token)
             values.append(lp.logprob)
-            tops.append({t: v for _, t, v in lp.top} if self.logprobs else None)
+            tops.append(_top_dict(lp.top) if self.logprobs and lp.logprob is not None else None)
             offs.append(offset)
             offset += len(lp.token)
         return {"tokens": toks, "token_logprobs": values, "top_logprobs": tops, "text_offset": offs}
@@ -112,6 +129,15 @@ class ChatShape:
                     "finish_reason": r.finish_reasons[i]} for i in range(self.choices)]
         return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
                 "system_fingerprint": None, "choices": choices, "usage": usage(prompt_tokens, r.completion_tokens)}
+
+
+def _top_dict(top: list[tuple[int, str, float]]) -> dict[str, float]:
+    """The legacy shape's {text: log-prob}: tokens of the same text (bytes >= 128 all read "\ufffd") keep the
+    best one's (a reader's max(top.values()) is then the top log-prob, as lm-evaluation-harness assumes)."""
+    out: dict[str, float] = {}
+    for _, t, v in top:  # best first
+        out.setdefault(t, v)
+    return out
 
 
 def _content_logprobs(lps: list[TokenLogprob]) -> list[dict]:

@@ -31,7 +31,8 @@ from collections.abc import Callable
 import numpy as np
 
 from model.network.paged_attention import PagedMeta
-from serve import sampling
+from serve import prompt_logprobs, sampling
+from serve.adapters import Adapter
 from serve.blocks import BlockManager
 from serve.config import EngineConfig
 from serve.events import Event, TextStream
@@ -55,6 +56,22 @@ class Request:
     computed: int = 0  # tokens (prompt, then generated) whose keys/values are in the pool
     blocks: list[int] = dataclasses.field(default_factory=list)  # its block table
     keys: list[bytes] = dataclasses.field(default_factory=list)  # prefix-cache keys of its first full blocks
+    adapter: Adapter | None = None  # its LoRA adapter (serve/adapters.py); None: the base model
+    prompt_lps: list | None = None  # echo: its prompt's log-probs so far, until sent (serve/prompt_logprobs.py)
+
+    def __post_init__(self):
+        if self.params.prompt_logprobs is not None:
+            self.prompt_lps = [None] * len(self.prompt)
+
+    @property
+    def adapter_row(self) -> int:
+        return 0 if self.adapter is None else self.adapter.row
+
+    @property
+    def adapter_id(self) -> int | None:
+        """The adapter's prefix-cache identity: unique per load, so a slot reloaded with another adapter never
+        matches the blocks of the one before."""
+        return None if self.adapter is None else self.adapter.uid
 
     @property
     def total(self) -> int:
@@ -111,6 +128,7 @@ class Scheduler:
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._inflight = 0  # submitted, not yet taken in
+        self.stop_ids: frozenset[int] = frozenset()  # the engine's EOS ids: what min_tokens masks besides a request's own
         self.max_pages = -(-cfg.max_len // cfg.block_size)
         self.min_pages = min(-(-cfg.min_kv_bucket // cfg.block_size), self.max_pages)
 
@@ -190,7 +208,10 @@ class Scheduler:
     def _admit(self, req: Request) -> bool:
         """Blocks for all of req's tokens (cached prefix blocks first); False (nothing taken) if they are not free."""
         tokens = req.tokens(0, req.total)
-        matched, keys = self.blocks.lookup(tokens)
+        matched, keys = self.blocks.lookup(tokens, req.adapter_id)
+        if req.prompt_lps is not None and matched:  # echo computes every prompt position: no cached blocks (vLLM too)
+            self.blocks.unlookup(matched, len(tokens))
+            matched, keys = [], []
         need = self.blocks.blocks_for(req.total) - len(matched)
         if need > self.blocks.free:
             self.blocks.unlookup(matched, len(tokens))
@@ -238,7 +259,8 @@ class Scheduler:
         bs = self.cfg.block_size
         if len(req.keys) < req.computed // bs:
             start = len(req.keys) * bs
-            self.blocks.register(req.blocks, req.keys, [0] * start + req.tokens(start, req.computed), req.computed)
+            self.blocks.register(req.blocks, req.keys, [0] * start + req.tokens(start, req.computed), req.computed,
+                                 req.adapter_id)
 
     def plan(self, reqs: list[Request], counts: list[int], steps: int = 1) -> Plan:
         """The step's host inputs: a ragged batch in buckets."""
@@ -246,7 +268,7 @@ class Scheduler:
         S = bucket(len(reqs), 1, cfg.max_slots)
         T = S if all(c == 1 for c in counts) else bucket(sum(counts), 16, cfg.prefill_tokens)
         P = bucket(max(len(r.blocks) for r in reqs), self.min_pages, self.max_pages)
-        tokens, positions, slots = (np.zeros(T, np.int32) for _ in range(3))
+        tokens, positions, slots, rows = (np.zeros(T, np.int32) for _ in range(4))
         kv_lens, last = np.zeros(S, np.int32), np.zeros(S, np.int32)
         pages, cu = np.zeros((S, P), np.int32), np.zeros(S + 1, np.int32)
         t = 0
@@ -254,6 +276,7 @@ class Scheduler:
             pos = np.arange(r.computed, r.computed + c)
             tokens[t:t + c] = r.tokens(r.computed, r.computed + c)
             positions[t:t + c] = pos
+            rows[t:t + c] = r.adapter_row
             table = np.asarray(r.blocks, np.int32)
             slots[t:t + c] = table[pos // bs] * bs + pos % bs
             pages[i, :len(table)] = table
@@ -263,11 +286,13 @@ class Scheduler:
             last[i] = t - 1
         meta = PagedMeta(slots, kv_lens, pages, cu, np.array([len(reqs)], np.int32))
         pad = S - len(reqs)
-        rows = SamplingRows.host([r.params for r in reqs] + [None] * pad, [r.seed for r in reqs] + [0] * pad,
-                                 [len(r.generated) for r in reqs] + [0] * pad)
+        sampling_rows = SamplingRows.host([r.params for r in reqs] + [None] * pad, [r.seed for r in reqs] + [0] * pad,
+                                          [len(r.generated) for r in reqs] + [0] * pad,
+                                          [(r.prompt, r.generated) for r in reqs], self.stop_ids, steps)
         want = max((r.params.logprobs or 0) for r in reqs)
-        shape = StepShape(0 if want == 0 else sampling.MAX_TOP_LOGPROBS, steps)
-        return Plan(reqs, counts, Batch(tokens, positions, meta, last, rows), shape)
+        next_tokens = prompt_logprobs.next_tokens(reqs, counts, T)  # None unless a prompt's log-probs are wanted
+        shape = StepShape(0 if want == 0 else sampling.MAX_TOP_LOGPROBS, steps, next_tokens is not None)
+        return Plan(reqs, counts, Batch(tokens, positions, meta, last, sampling_rows, rows, next_tokens), shape)
 
     def warmup_plans(self, decode_steps: int) -> list[Plan]:
         """A plan per step shape serving will need: decode at every sequence and page bucket, and a full step
@@ -281,5 +306,5 @@ class Scheduler:
             z, zs = np.zeros(T, np.int32), np.zeros(S, np.int32)
             meta = PagedMeta(z, zs, np.zeros((S, P), np.int32), np.zeros(S + 1, np.int32), np.zeros(1, np.int32))
             rows = SamplingRows.host([None] * S, [0] * S, [0] * S)
-            plans.append(Plan([], [], Batch(z, z, meta, zs, rows), StepShape(0, n)))
+            plans.append(Plan([], [], Batch(z, z, meta, zs, rows, z), StepShape(0, n)))
         return plans

@@ -1,8 +1,12 @@
-"""What the HTTP API accepts: OpenAI's request bodies as pydantic models (strict types; an unknown field
-is an error, as in OpenAI's API), and OpenAI's error shape `{"error": {"message", "type", "param", "code"}}`
-with the messages a failed validation gets."""
+"""What the HTTP API accepts: OpenAI's request bodies as pydantic models (strict types: a known field of the
+wrong type is a 400; an unknown field is accepted and ignored with one warning per field name, as vLLM does,
+since clients send extras through `extra_body`), vLLM's extra sampling fields, its /tokenize and /detokenize
+bodies, and OpenAI's error shape `{"error": {"message", "type", "param", "code"}}` with the messages a failed
+validation gets."""
 
 from __future__ import annotations
+
+import logging
 
 from typing import Annotated, Literal
 
@@ -13,6 +17,8 @@ Int = Annotated[int, Field(strict=True)]
 Num = Annotated[float, Field(strict=True)]
 Str = Annotated[str, Field(strict=True)]
 Bool = Annotated[bool, Field(strict=True)]
+
+log = logging.getLogger("serve.schemas")
 
 
 class APIError(Exception):
@@ -33,10 +39,32 @@ def error_response(status: int, message: str, type: str = "invalid_request_error
 
 
 # ---------------------------------------------------------------------------------------------
-# Request bodies (OpenAI's fields; unknown fields are errors, as in OpenAI's API)
+# Request bodies (OpenAI's fields and vLLM's; unknown fields are ignored, see `warn_ignored`)
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="allow")
+
+
+_warned: set[str] = set()
+
+
+def ignored_fields(body: BaseModel, prefix: str = "") -> list[str]:
+    """The unknown fields of a validated body, nested ones as `messages.x` (one name for every message)."""
+    out = [prefix + k for k in (body.model_extra or {})]
+    for name in type(body).model_fields:
+        v = getattr(body, name)
+        for x in v if isinstance(v, list) else [v]:
+            if isinstance(x, BaseModel):
+                out += ignored_fields(x, f"{prefix}{name}.")
+    return sorted(set(out))
+
+
+def warn_ignored(body: BaseModel) -> None:
+    """Logs each unknown field name once per process (as vLLM: a warning, not an error)."""
+    for name in ignored_fields(body):
+        if name not in _warned:
+            _warned.add(name)
+            log.warning("The following field was present in a request and is ignored: %r (logged once)", name)
 
 
 class StreamOptions(_Body):
@@ -60,7 +88,13 @@ class GenerationRequest(_Body):
     frequency_penalty: Num | None = None
     logit_bias: dict[str, Num] | None = None
     user: Str | None = None
-    ignore_eos: Bool | None = None  # vLLM's; handy for benchmarks
+    # vLLM's extra sampling fields (serve/sampling.py implements them)
+    ignore_eos: Bool | None = None  # handy for benchmarks
+    repetition_penalty: Num | None = None
+    min_tokens: Int | None = None
+    stop_token_ids: list[Int] | None = None
+    skip_special_tokens: Bool | None = None  # default true
+    include_stop_str_in_output: Bool | None = None
 
     @property
     def include_usage(self) -> bool:
@@ -105,6 +139,23 @@ class ChatRequest(GenerationRequest):
     store: Bool | None = None
     metadata: dict[str, Str] | None = None
     service_tier: Str | None = None
+
+
+class TokenizeRequest(_Body):
+    """vLLM's POST /tokenize: a `prompt` (text) or chat `messages`."""
+
+    model: Str | None = None
+    prompt: Str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: Bool | None = None  # default: true for a prompt (BOS), false for messages (the template's)
+    add_generation_prompt: Bool = True
+
+
+class DetokenizeRequest(_Body):
+    """vLLM's POST /detokenize."""
+
+    model: Str | None = None
+    tokens: list[Int]
 
 
 def type_name(v) -> str:

@@ -3,10 +3,13 @@
     POST /v1/completions        prompt (text, list of texts, token ids) -> text; `stream` for SSE chunks
     POST /v1/chat/completions   messages -> the Llama 3.1 chat format -> assistant text; `stream` too
     GET  /v1/models, /v1/models/{id}, /health
+    POST /v1/load_lora_adapter, /v1/unload_lora_adapter   with server.runtime_lora (serve/lora_routes.py)
+    GET  /metrics                Prometheus text format (serve/metrics.py; vLLM's metric names)
+    POST /tokenize, /detokenize  vLLM's (serve/tokenize_routes.py)
 
 This module assembles the app: the routes, the API key, the body size limit, and errors in OpenAI's shape
-(serve/schemas.py). Requests are validated where they enter: malformed JSON, a field of the wrong type, an
-argument OpenAI's API does not have, a prompt longer than the limit, max_tokens over the limit and a body
+(serve/schemas.py). Requests are validated where they enter: malformed JSON, a field of the wrong type, a
+prompt longer than the limit, max_tokens over the limit and a body
 over the size limit get 400; a missing or wrong API key 401; an unknown model 404; a full queue 429 (with
 Retry-After); a POST body that is not declared JSON 415. Every refusal is one log line, never a traceback.
 
@@ -28,7 +31,8 @@ import math
 import os
 
 import uvicorn
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -37,7 +41,9 @@ from serve.config import ServerConfig
 from serve.engine import Engine
 from serve.handlers import API
 from serve.streaming import Admission
-from serve.schemas import APIError, ChatRequest, CompletionRequest, error_response, type_name, validation_error
+from serve import lora_routes, tokenize_routes
+from serve.schemas import (APIError, ChatRequest, CompletionRequest, error_response, type_name, validation_error,
+                           warn_ignored)
 
 log = logging.getLogger("serve.server")
 
@@ -100,11 +106,13 @@ class Gate:
         self.authorize(request)
         data = await self.read_json(request, timeout)
         try:
-            return schema.model_validate(data)
+            body = schema.model_validate(data)
         except ValidationError as e:
             raise validation_error(e) from None
         except RecursionError:
             raise APIError(400, "The JSON body is nested too deeply.", code="invalid_json") from None
+        warn_ignored(body)
+        return body
 
 
 def parse_json(body: bytes) -> dict:
@@ -205,8 +213,9 @@ def _error_handlers(app: FastAPI):
         return error_response(500, f"internal error: {type(exc).__name__}", type="server_error")
 
 
-def create_app(engine: Engine, tokenizer, model_name: str, cfg: ServerConfig = ServerConfig()):
-    """The ASGI app: FastAPI's routes behind the Guard (Host check, deadline)."""
+def create_app(engine: Engine, tokenizer, model_name: str, cfg: ServerConfig = ServerConfig(), aliases=()):
+    """The ASGI app: FastAPI's routes behind the Guard (Host check, deadline). `aliases`: every name of the
+    base model clients may send (model.served_names; default: `model_name`)."""
     app = FastAPI(title="llama-jax", docs_url=None, redoc_url=None, openapi_url=None)
     gate = Gate(cfg.api_key or os.environ.get("SERVE_API_KEY") or None, cfg.max_body_bytes)
     admission = Admission(cfg.max_queue, cfg.stream_buffer, cfg.request_timeout, cfg.retry_after)
@@ -234,6 +243,13 @@ def create_app(engine: Engine, tokenizer, model_name: str, cfg: ServerConfig = S
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         return await api.chat(request, await gate.read(request, ChatRequest, cfg.body_timeout))
+
+    @app.get("/metrics")
+    async def metrics():  # like /health, without the API key (as vLLM's)
+        return Response(api.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+    tokenize_routes.register(app, api, gate, cfg.body_timeout)
+    lora_routes.register(app, api, gate, cfg.body_timeout, cfg.runtime_lora, aliases)
 
     return Guard(app, cfg, admission)
 
@@ -291,10 +307,10 @@ def protocol(header_timeout: float):
     return HeaderTimeoutProtocol
 
 
-def run_server(engine: Engine, tokenizer, model_name: str, cfg: ServerConfig) -> None:
+def run_server(engine: Engine, tokenizer, model_name: str, cfg: ServerConfig, aliases=()) -> None:
     """Serves until interrupted (SIGINT/SIGTERM: uvicorn stops accepting, then the engine stops)."""
     check_exposure(cfg)
-    app = create_app(engine, tokenizer, model_name, cfg)
+    app = create_app(engine, tokenizer, model_name, cfg, aliases)
     engine.start()
     config = uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level, access_log=False,
                             timeout_graceful_shutdown=5, http=protocol(cfg.header_timeout),

@@ -21,9 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from model.network import kv_cache
+from model.network import kv_cache, lora
 from model.network.paged_attention import PagedMeta
 from serve import layout
+from serve import sampling
 from serve.sampling import SamplingRows
 from sharding.rules import use_mesh
 
@@ -40,11 +41,13 @@ class Batch:
     meta: PagedMeta  # where the tokens write, what each sequence attends to
     last: jax.Array  # [S] int32: each sequence's last token in this step (its logits are sampled)
     sampling: SamplingRows  # [S]
+    adapters: jax.Array  # [T] int32: each token's LoRA slot row (0: the base; model/network/lora.py token_slots)
+    next_tokens: jax.Array | None = None  # [T] int32, with prompt log-probs: the token each position predicts
 
     @classmethod
     def abstract(cls, T: int, S: int, P: int) -> Batch:
         t, s = jax.ShapeDtypeStruct((T,), jnp.int32), jax.ShapeDtypeStruct((S,), jnp.int32)
-        return cls(t, t, PagedMeta.abstract(T, S, P), s, SamplingRows.abstract(S))
+        return cls(t, t, PagedMeta.abstract(T, S, P), s, SamplingRows.abstract(S), t)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -61,9 +64,11 @@ class Batch:
         P = m.page_indices.shape[1]
         blk = jnp.take_along_axis(m.page_indices, jnp.minimum(page, P - 1)[:, None], axis=1)[:, 0]
         slots = jnp.where(live & (page < P), blk * block_size + positions % block_size, 0)
-        meta = dataclasses.replace(m, slot_mapping=slots.astype(jnp.int32), kv_lens=m.kv_lens + live)
+        # a request that reached max_len inside the call runs on (its tokens are dropped) within its P pages
+        kv_lens = jnp.minimum(m.kv_lens + live, P * block_size)
+        meta = dataclasses.replace(m, slot_mapping=slots.astype(jnp.int32), kv_lens=kv_lens)
         return dataclasses.replace(self, tokens=tokens_S, positions=positions, meta=meta,
-                                   sampling=self.sampling.next())
+                                   sampling=self.sampling.next(tokens_S))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +77,7 @@ class StepShape:
 
     num_top: int = 0  # top log-probs computed per token
     steps: int = 1  # tokens per sequence per call (decode only): each sampled token is fed back as the next input
+    prompt_logprobs: bool = False  # also the log-prob of `next_tokens` and the top ones at every token (echo)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,13 +97,17 @@ def step_fn(program: Program, weights, cache, batch: Batch, shape: StepShape):
     layout of serve/layout.py. `shape.steps` > 1 (decode only): that many tokens per sequence, each sampled
     token fed back as the next input; the outputs get a leading [steps] axis."""
     layers = layout.block_layers(weights)
-    with use_mesh(program.mesh, program.rules):
+    with use_mesh(program.mesh, program.rules), lora.token_slots(batch.adapters[None]):
         module = nnx.merge(program.graphdef, layout.module_state(weights))
 
         def one(cache, batch: Batch):
             update = kv_cache.CacheUpdate(cache, batch.meta, program.attention, layers)
-            logits, cache = module(batch.tokens[None], batch.positions[None], cache=update, logits_at=batch.last)
-            return batch.sampling.sample(logits[:, 0], shape.num_top), cache
+            at = jnp.arange(batch.tokens.shape[0]) if shape.prompt_logprobs else batch.last
+            logits, cache = module(batch.tokens[None], batch.positions[None], cache=update, logits_at=at)
+            out = batch.sampling.sample(logits[batch.last, 0] if shape.prompt_logprobs else logits[:, 0], shape.num_top)
+            if shape.prompt_logprobs:  # gathered per token on device: [T] and [T, k] go to the host, not [T, V]
+                out += sampling.token_logprobs(logits[:, 0], batch.next_tokens, sampling.MAX_TOP_LOGPROBS)
+            return out, cache
 
         if shape.steps == 1:
             return one(cache, batch)
@@ -119,7 +129,13 @@ class DeviceStep:
         self.weight_leaves, self._weight_tree = jax.tree.flatten(weights)
         self.jitted = jax.jit(self._fn, static_argnames="shape", donate_argnames="cache",
                               out_shardings=(None, cache_shardings))
-        self.compiled_shapes: set[tuple[int, int, int, int, int]] = set()  # (T, S, P, num_top, steps)
+        self.compiled_shapes: set[tuple] = set()  # (T, S, P, num_top, steps[, opt-in path labels])
+
+    def set_weights(self, weights):
+        """New values of the same weights (an adapter loaded into a slot): same shapes, no recompile."""
+        leaves, tree = jax.tree.flatten(weights)
+        assert tree == self._weight_tree
+        self.weight_leaves = leaves
 
     def _fn(self, weight_leaves, cache, batch: Batch, shape: StepShape):
         return step_fn(self.program, jax.tree.unflatten(self._weight_tree, weight_leaves), cache, batch, shape)
@@ -127,11 +143,14 @@ class DeviceStep:
     def __call__(self, cache, batch: Batch, shape: StepShape) -> tuple[list[np.ndarray], object]:
         """(host outputs [steps, S, ...], the new pool)."""
         key = (*batch.shape, shape.num_top, shape.steps)
+        pen = batch.sampling.penalties  # the opt-in paths add a label (the default key is as it was)
+        key += ((f"penalties L={pen.history.shape[1]} K={pen.stop_ids.shape[1]}",) if pen is not None else ()) + \
+            (("prompt_logprobs",) if shape.prompt_logprobs else ())
         if key not in self.compiled_shapes:
             self.compiled_shapes.add(key)
-            log.info("compiling step for %d tokens of %d sequences, %d pages each%s%s", *key[:3],
+            log.info("compiling step for %d tokens of %d sequences, %d pages each%s%s%s", *key[:3],
                      f", top {shape.num_top} logprobs" if shape.num_top else "",
-                     f", {shape.steps} tokens per call" if shape.steps > 1 else "")
+                     f", {shape.steps} tokens per call" if shape.steps > 1 else "", "".join(f", {x}" for x in key[5:]))
         out, cache = self.jitted(self.weight_leaves, cache, batch, shape)
         out = [np.asarray(o) for o in out]
         return (out if shape.steps > 1 else [o[None] for o in out]), cache

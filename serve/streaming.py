@@ -16,7 +16,7 @@ import dataclasses
 import json
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
@@ -51,11 +51,15 @@ class Admission:
                            code="overloaded", headers={"Retry-After": str(self.retry_after)})
 
 
-def submit(engine: Engine, request: Request, jobs: list[Job], admission: Admission) -> AsyncIterator[tuple[int, Event]]:
+def submit(engine: Engine, request: Request, jobs: list[Job], admission: Admission,
+           tracker: Callable[[], Callable[[Event], None]] | None = None,
+           adapter: str | None = None) -> AsyncIterator[tuple[int, Event]]:
     """Submits the jobs now; returns an async iterator of (choice index, Event) until every job
     finished. What is left is cancelled when the client disconnects, the consumer stops early, more than
     `admission.stream_buffer` events wait for the consumer (a client that stops reading a stream) or the
-    request's deadline passes; the last two end each job left with an error event."""
+    request's deadline passes; the last two end each job left with an error event. `tracker()` gives each
+    job a callback that sees its events on the engine thread, as they are made (serve/metrics.py). `adapter`:
+    the LoRA adapter the jobs run with (None: the base model)."""
     admission.check(engine, len(jobs))
     loop = asyncio.get_running_loop()
     q: collections.deque = collections.deque()
@@ -92,10 +96,12 @@ def submit(engine: Engine, request: Request, jobs: list[Job], admission: Admissi
         ready.set()
 
     for i, (prompt, params) in enumerate(jobs):
-        def emit(ev: Event, i=i):
+        def emit(ev: Event, i=i, seen=tracker() if tracker else None):
+            if seen is not None:
+                seen(ev)
             loop.call_soon_threadsafe(put, (i, ev))
         try:
-            engine.submit(prompt, params, emit, request_id=ids[i])
+            engine.submit(prompt, params, emit, request_id=ids[i], adapter=adapter)
         except ValueError as e:  # the engine's own checks (the handlers' should have caught it first)
             for j in range(i):
                 engine.cancel(ids[j])
@@ -136,12 +142,28 @@ def submit(engine: Engine, request: Request, jobs: list[Job], admission: Admissi
     return events()
 
 
+async def without_output(events: AsyncIterator[tuple[int, Event]]) -> AsyncIterator[tuple[int, Event]]:
+    """The events with the generated tokens taken out (echo with max_tokens 0: one token is generated, as
+    vLLM does, and is not part of the answer); each job finishes with "length"."""
+    try:
+        async for i, ev in events:
+            if ev.prompt_logprobs is None and ev.finish_reason not in ("error", "cancelled"):
+                ev = dataclasses.replace(ev, text="", token_ids=[], logprobs=None, completion_tokens=0,
+                                         finish_reason="length" if ev.finished else None)
+            yield i, ev
+    finally:
+        await events.aclose()  # its own clean-up (cancel what is left) now, not when collected
+
+
 async def collect(events: AsyncIterator[tuple[int, Event]], n: int) -> Result | None:
     """Runs n jobs' events to the end, or None when the client went away."""
     texts, lps, finish, completion_tokens = [""] * n, [[] for _ in range(n)], [None] * n, 0
+    prompt_lps = [None] * n
     async for i, ev in events:
         if ev.finish_reason == "error":
             raise APIError(500, ev.error or "generation failed", type="server_error")
+        if ev.prompt_logprobs is not None:
+            prompt_lps[i] = ev.prompt_logprobs
         texts[i] += ev.text
         lps[i] += ev.logprobs or []
         if ev.finished:
@@ -149,7 +171,7 @@ async def collect(events: AsyncIterator[tuple[int, Event]], n: int) -> Result | 
             completion_tokens += ev.completion_tokens
     if any(f is None or f == "cancelled" for f in finish):
         return None
-    return Result(texts, lps, finish, completion_tokens)
+    return Result(texts, lps, finish, completion_tokens, prompt_lps)
 
 
 def sse(obj) -> str:

@@ -62,6 +62,44 @@ MUTANTS = [
            ("tests/test_serve_parity.py::test_trained_peft_export_gives_our_logits_in_peft",
             "tests/test_convert.py::test_peft_export_gives_our_logits_in_peft",
             "tests/test_quant.py::test_qlora_adapters_train_on_an_int4_base")),
+    # the OpenAI surface (issue 13)
+    Mutant("echo_takes_cached_blocks", "serve/scheduler.py",
+           "        if req.prompt_lps is not None and matched:", "        if False:",
+           ("tests/test_serve_openai.py::test_echo_with_cached_prefix_and_streamed",)),
+    Mutant("prompt_logprob_of_this_token", "serve/prompt_logprobs.py",  # off by one: the token, not the next
+           "                    out[t + j] = r.prompt[p + 1]", "                    out[t + j] = r.prompt[p]",
+           ("tests/test_serve_openai.py::test_echo_prompt_logprobs_equal_transformers", "tests/test_lm_eval.py")),
+    Mutant("repetition_over_output_only", "serve/sampling.py",  # vLLM's and HF's cover the prompt too
+           "        x = jnp.where(seen, jnp.where(logits_BV > 0,", "        x = jnp.where(counts > 0, jnp.where(logits_BV > 0,",
+           ("tests/test_serve_openai.py::test_penalties_equal_the_oracles_beside_a_plain_request",)),
+    Mutant("penalty_history_not_extended", "serve/sampling.py",  # tokens of a multi-token decode call not counted
+           "        return dataclasses.replace(self, history=history, length=self.length + 1)",
+           "        return self",
+           ("tests/test_serve_openai.py::test_penalties_equal_the_oracles_beside_a_plain_request",)),
+    Mutant("stop_strings_before_min_tokens", "serve/engine.py",
+           "r.text.push(tok, check_stop=len(r.generated) >= r.params.min_tokens)", "r.text.push(tok)",
+           ("tests/test_serve_openai.py::test_min_tokens_holds_off_stop_ids_and_stop_strings",)),
+    Mutant("specials_in_text", "serve/events.py",
+           "        if int(token_id) not in self.skip:", "        if True:",
+           ("tests/test_serve_openai.py::test_skip_special_tokens",)),
+    Mutant("chat_usage_times_n", "serve/handlers.py",
+           "        return await self.respond(request, body, jobs, shape, len(ids))",
+           "        return await self.respond(request, body, jobs, shape, len(ids) * n)",
+           ("tests/test_serve_openai.py::test_chat_defaults_to_the_rest_of_the_context_and_counts_the_prompt_once",)),
+    Mutant("itl_counts_the_first_token", "serve/metrics.py",
+           "                    if last[0] is None:\n                        ttft.observe(now - start)\n                    else:",
+           "                    if last[0] is None:\n                        ttft.observe(now - start)\n                    if True:",
+           ("tests/test_serve_metrics.py::test_counters_move_with_traffic_by_exact_amounts",)),
+    Mutant("lora_onehot_off_by_one", "model/network/lora.py",  # many-token steps apply the next slot's adapter
+           "onehot = (rows[..., None] - 1 == ", "onehot = (rows[..., None] == ",
+           ("tests/test_serve_lora.py::test_mixed_adapters_in_one_step_equal_peft_and_each_alone[one_cpu]",)),
+    Mutant("lora_gather_base_rows_unmasked", "model/network/lora.py",  # decoding base rows get slot 1's adapter
+           "        h = h * (rows > 0)[..., None].astype(h.dtype)\n", "",
+           ("tests/test_serve_lora.py::test_mixed_adapters_in_one_step_equal_peft_and_each_alone[one_cpu]",)),
+    Mutant("lora_prefix_key_by_slot", "serve/scheduler.py",  # a reloaded slot reuses the old adapter's blocks
+           "return None if self.adapter is None else self.adapter.uid",
+           "return None if self.adapter is None else self.adapter.row",
+           ("tests/test_serve_lora.py::test_load_errors_change_nothing_and_unload_drains",)),
 ]
 
 

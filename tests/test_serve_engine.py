@@ -137,19 +137,22 @@ def test_buckets():
 
 def test_stops_and_max_tokens(engine):
     (p,) = prompts([6], seed=6)
-    (full,) = engine.generate([p], SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True))
+    # special tokens' names in the text, as before skip_special_tokens (tests/test_serve_openai.py tests it)
+    (full,) = engine.generate([p], SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True,
+                                                  skip_special_tokens=False))
     toks = full["token_ids"]
     # a stop token id ends the completion at its first occurrence (the id is counted, not printed)
     stop_id = toks[5]
     (r,) = engine.generate([p], SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True,
-                                               stop_token_ids=(stop_id,)))
+                                               stop_token_ids=(stop_id,), skip_special_tokens=False))
     first = toks.index(stop_id)
     assert r["token_ids"] == toks[:first + 1] and r["finish_reason"] == "stop"
     assert r["text"] == ByteTokenizer().decode(toks[:first])
     # a stop string: the text up to it, never the string itself
     text = full["text"]
     stop = text[8:11]
-    (r,) = engine.generate([p], SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True, stop=(stop,)))
+    (r,) = engine.generate([p], SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True, stop=(stop,),
+                                               skip_special_tokens=False))
     assert r["finish_reason"] == "stop" and r["text"] == text[:text.find(stop)]
     # the model's and tokenizer's stop ids end generation unless ignore_eos
     engine.stop_ids, saved = engine.stop_ids | {toks[2]}, engine.stop_ids

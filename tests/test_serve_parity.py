@@ -58,7 +58,9 @@ def expected(ref, prompt_ids, n=N):
 
 
 def text_of(ids) -> str:
-    return b"".join(TOK.token_bytes(int(i)) for i in ids).decode(errors="replace")
+    """The server's text: special tokens skipped (skip_special_tokens defaults to true, as vLLM)."""
+    special = set(TOK.special.values())
+    return b"".join(TOK.token_bytes(int(i)) for i in ids if int(i) not in special).decode(errors="replace")
 
 
 def check_completion(client, ref, prompt_ids):

@@ -3,7 +3,9 @@
 A job's config is a tree of frozen dataclasses (one per concern); YAML only sets values. Unknown
 keys and values of the wrong type are errors that name the key and the file (with its line).
 A `key=value` override is YAML-typed, except for a field typed `str` (or `str | None`, or a tuple of
-strings): that takes the text literally. A field declared with `metadata={"non_empty": True}` refuses "".
+strings): that takes the text literally. A field typed `dict[K, V]` takes a mapping (YAML, or a flow mapping
+on the command line: `model.lora_modules='{sql: /path/a, chat: /path/b}'`). A field declared with
+`metadata={"non_empty": True}` refuses "".
 """
 
 from __future__ import annotations
@@ -77,6 +79,12 @@ def _coerce(value, tp, where: str):
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping for {tp.__name__}, got {value!r}")
         return build(tp, value, where)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping ({{name: value, ...}}), got {value!r}")
+        key_tp, value_tp = typing.get_args(tp) or (typing.Any, typing.Any)
+        return {_coerce(k, key_tp, f"{where}[{k!r}]"): _coerce(v, value_tp, f"{where}.{k}")
+                for k, v in value.items() if k != "__lines__"}
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             value = [v.strip() for v in str(value).split(",") if v.strip()] if isinstance(value, str) else [value]

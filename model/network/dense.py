@@ -7,6 +7,8 @@ variants of it, chosen in one place, `make_dense`, when the model is built (from
                    `quant.matmul` (integer weight in the dot, scales on the output: no dequantized copy)
   LoRADense        adds `…/lora_a`, `…/lora_b` (`nnx.LoRAParam`) and their delta to the base product
   QLoRADense       both: adapters over an integer base
+  SlotLoRADense    serving: `slots` adapters side by side, each token applying its own (lora.LoraSlots);
+  QSlotLoRADense   the same over an integer base
 
 The variants are subclasses rather than wrappers holding a base layer: an attribute holding a module
 adds a level to its parameter paths (`…/q/base/kernel`), and checkpoints and the HF/PEFT name tables
@@ -86,6 +88,21 @@ class QLoRADense(LoRADense, QuantizedDense):
     """LoRA adapters over an integer base (QLoRA): the adapters train, the base stays quantized."""
 
 
+class SlotLoRADense(LoRADense):
+    """`lora_a` [slots, *in, R], `lora_b` [slots, R, *out] (after `layers`): each token of a serving step
+    adds its own slot's delta (lora.token_slots); outside a serving step, none."""
+
+    def delta(self, x: jax.Array) -> jax.Array:
+        rows = lora_lib.current_token_slots()
+        if rows is None:
+            return jnp.zeros((), x.dtype)
+        return lora_lib.slot_delta(x, self.lora_a[...], self.lora_b[...], self.eq, rows)
+
+
+class QSlotLoRADense(SlotLoRADense, QuantizedDense):
+    """Adapter slots over an integer base."""
+
+
 def make_dense(name: str, eq: str, in_shape, out_shape, axes, *, cfg: LlamaConfig, rngs: nnx.Rngs,
                layers: int | None = None) -> Dense:
     """The dense layer `name` of the model `cfg` describes: quantized if it is a `cfg.quant` target, with
@@ -97,8 +114,11 @@ def make_dense(name: str, eq: str, in_shape, out_shape, axes, *, cfg: LlamaConfi
         kw["quant"] = qc
     if lc is not None:
         kw["lora"] = lc
-    cls = {(False, False): Dense, (True, False): QuantizedDense,
-           (False, True): LoRADense, (True, True): QLoRADense}[qc is not None, lc is not None]
+    if isinstance(lc, lora_lib.LoraSlots):
+        cls = QSlotLoRADense if qc is not None else SlotLoRADense
+    else:
+        cls = {(False, False): Dense, (True, False): QuantizedDense,
+               (False, True): LoRADense, (True, True): QLoRADense}[qc is not None, lc is not None]
     return cls(name, eq, in_shape, out_shape, axes, **kw)
 
 

@@ -5,6 +5,13 @@ and `lora_b` [R, *out] (`nnx.LoRAParam`, stacked with a leading `layers` axis li
 base weight keeps its path and the adapters can be split off by type: only they are differentiated and
 only they get optimizer state. `B` starts at zero, so a fresh adapter leaves the base model's output
 unchanged.
+
+Serving many adapters at once (`LoraSlots`): every targeted layer holds `slots` adapters side by side,
+`lora_a` [slots, *in, R] and `lora_b` [slots, R, *out] (after `layers`; ranks zero-padded to the
+largest, each adapter's scale folded into its B), and each token of a step names its adapter (`token_slots`: 0 = none,
+s = slot s-1). `slot_delta` gives every token its own adapter's delta in one batched product (the
+gather of Punica / S-LoRA's BGMV for a few tokens, a one-hot segment product for many): requests for
+different adapters and for the base run in the same step, with nothing merged.
 """
 
 from __future__ import annotations
@@ -50,6 +57,19 @@ class LoraConfig:
         return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
 
 
+@dataclasses.dataclass(frozen=True)
+class LoraSlots(LoraConfig):
+    """Serving: `slots` adapters of rank <= `rank` in every target layer, chosen per token (`token_slots`).
+    Both A and B start at zero (an empty slot adds nothing); alpha is unused (scales are folded into B)."""
+
+    slots: int = 1
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.slots < 1:
+            raise ValueError(f"lora slots must be >= 1, got {self.slots}")
+
+
 def adapters(lora: LoraConfig, in_shape, out_shape, in_axes, out_axes, layers: int | None,
              rngs: nnx.Rngs, name: str) -> tuple[nnx.LoRAParam, nnx.LoRAParam]:
     """(`lora_a` [*in, R], Kaiming-uniform as PEFT; `lora_b` [R, *out], zeros) with their logical axes.
@@ -60,6 +80,11 @@ def adapters(lora: LoraConfig, in_shape, out_shape, in_axes, out_axes, layers: i
     only in the training run."""
     R, dtype = lora.rank, jnp.dtype(lora.dtype)
     lead, lead_axes = ((layers,), ("layers",)) if layers else ((), ())
+    if isinstance(lora, LoraSlots):  # the slot axis is replicated: adapters shard like the layer they adapt
+        lead, lead_axes = (*lead, lora.slots), (*lead_axes, None)
+        return (nnx.LoRAParam(jnp.zeros((*lead, *in_shape, R), dtype), out_sharding=(*lead_axes, *in_axes, "lora_rank")),
+                nnx.LoRAParam(jnp.zeros((*lead, R, *out_shape), dtype),
+                              out_sharding=(*lead_axes, "lora_rank", *out_axes)))
     bound = 1.0 / math.sqrt(math.prod(in_shape))
     key = jax.random.fold_in(rngs.params.key.get_value(), zlib.crc32(f"lora_a/{name}".encode()))
     a = jax.random.uniform(key, (*lead, *in_shape, R), dtype, -bound, bound)
@@ -82,6 +107,46 @@ def dropout_key(key: jax.Array | None):
 
 def current_dropout_key() -> jax.Array | None:
     return _DROPOUT_KEY.get()
+
+
+_TOKEN_SLOTS: contextvars.ContextVar[jax.Array | None] = contextvars.ContextVar("lora_token_slots", default=None)
+
+
+@contextlib.contextmanager
+def token_slots(rows: jax.Array | None):
+    """Within this context (a serving step's trace), `LoraSlots` layers apply adapter rows[b, t] - 1 to
+    token [b, t] (`rows` shaped like the tokens; 0: no adapter). Outside it they add nothing."""
+    token = _TOKEN_SLOTS.set(rows)
+    try:
+        yield
+    finally:
+        _TOKEN_SLOTS.reset(token)
+
+
+def current_token_slots() -> jax.Array | None:
+    return _TOKEN_SLOTS.get()
+
+
+def slot_delta(x: jax.Array, a: jax.Array, b: jax.Array, eq: str, rows: jax.Array) -> jax.Array:
+    """Each token's own adapter's contribution `(x A[s]) B[s]` (scale folded into B): x [*tokens, *in],
+    a [slots, *in, R], b [slots, R, *out], rows [*tokens] (0: none, s: slot s-1); `eq` the layer's einsum.
+    At most `slots` tokens (decoding) gather their A and B; more (prompt chunks) multiply with every slot's A
+    and keep their own slot's rank block (one-hot), so no [tokens, in, R] gather is materialised."""
+    ins, out = eq.split("->")
+    x_sub, w_sub = ins.split(",")
+    n_in = a.ndim - 2
+    in_sub, out_w = w_sub[:n_in], w_sub[n_in:]
+    tok = "".join(c for c in x_sub if c not in in_sub)
+    a, b = a.astype(x.dtype), b.astype(x.dtype)
+    slots = a.shape[0]
+    if rows.size <= slots:
+        idx = jnp.maximum(rows - 1, 0)
+        h = jnp.einsum(f"{x_sub},{tok}{in_sub}R->{tok}R", x, a[idx])
+        h = h * (rows > 0)[..., None].astype(h.dtype)
+        return jnp.einsum(f"{tok}R,{tok}R{out_w}->{out}", h, b[idx])
+    onehot = (rows[..., None] - 1 == jnp.arange(slots, dtype=rows.dtype)).astype(x.dtype)  # [*tokens, slots]
+    h = jnp.einsum(f"{x_sub},s{in_sub}R->{tok}sR", x, a) * onehot[..., None]
+    return jnp.einsum(f"{tok}sR,sR{out_w}->{out}", h, b)
 
 
 def delta(x: jax.Array, a: jax.Array, b: jax.Array, eq: str, lora: LoraConfig, name: str) -> jax.Array:
