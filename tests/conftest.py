@@ -5,7 +5,9 @@ $LLAMA_JAX_TEST_XLA_CACHE), set through the environment so the `python -m train|
 subprocesses of the tests share it. With LLAMA_JAX_NO_SKIPS=1 (.ci/run sets it where libtpu and a C++
 compiler are installed) a skipped test is a failure: a broken API must not pass as a skip."""
 
+import fcntl
 import os
+import tempfile
 from pathlib import Path
 
 os.environ["JAX_PLATFORMS"] = "cpu"
@@ -50,6 +52,33 @@ def pytest_runtest_makereport(item, call):
 def pytest_make_collect_report(collector):
     outcome = yield
     _fail_skip(outcome.get_result())
+
+
+# Tests that must not share the 2 CPU cores with another pytest-xdist worker: two-process jobs joined by gloo
+# (its rendezvous gives up when one process reaches a collective 30 s after the other) and the server tests
+# that time requests. Under xdist they hold an exclusive lock; every other test holds it shared.
+SERIAL = ("tests/test_multihost.py::", "tests/test_multihost_convert.py::", "tests/test_train_multihost.py::",
+          "tests/test_preemption.py::test_sigterm_to_one_process_stops_both_at_one_step",
+          "tests/test_serve_api.py::test_64_concurrent_streams_memory_flat",
+          "tests/test_serve_api.py::test_request_deadline_ends_a_long_request")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """A writer-preferring readers-writer lock over the xdist workers (a no-op without xdist), held from a
+    test's setup (module fixtures included) to its teardown: a serial test takes the turnstile, so no new
+    test starts, then waits for the running ones and runs alone."""
+    run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    if run is None:
+        yield
+        return
+    base = Path(tempfile.gettempdir()) / f"llama-jax-tests-{run}"
+    serial = item.nodeid.startswith(SERIAL)
+    with open(f"{base}.turnstile", "a") as turnstile, open(f"{base}.lock", "a") as lock:
+        fcntl.flock(turnstile, fcntl.LOCK_EX)
+        fcntl.flock(lock, fcntl.LOCK_EX if serial else fcntl.LOCK_SH)
+        fcntl.flock(turnstile, fcntl.LOCK_UN)
+        yield
 
 
 @pytest.fixture(scope="session")
