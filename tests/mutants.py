@@ -100,6 +100,21 @@ MUTANTS = [
            "return None if self.adapter is None else self.adapter.uid",
            "return None if self.adapter is None else self.adapter.row",
            ("tests/test_serve_lora.py::test_load_errors_change_nothing_and_unload_drains",)),
+    Mutant("remat_order_reversed", "planner/remat.py",  # auto would take the most recomputation first
+           'ORDER = ("none", "dots", "attn_proj", "full")', 'ORDER = ("full", "attn_proj", "dots", "none")',
+           ("tests/test_remat_search.py::test_auto_takes_the_least_recomputation_that_fits",)),
+    Mutant("local_verdict_ignores_headroom", "planner/plan.py",
+           '"fits": basis <= capacity * (1 - headroom)', '"fits": basis <= capacity',
+           ("tests/test_remat_search.py::test_auto_takes_the_least_recomputation_that_fits",)),
+    Mutant("flops_scan_counted_once", "planner/flops.py",  # what XLA's cost analysis does
+           'return p["length"] * self.count(p["jaxpr"])', 'return self.count(p["jaxpr"])',
+           ("tests/test_remat_search.py::test_each_layer_counts_and_remat_full_recomputes_the_forward",)),
+    Mutant("flops_matmul_not_doubled", "planner/flops.py",
+           "return 2.0 * eqn.outvars[0].aval.size", "return 1.0 * eqn.outvars[0].aval.size",
+           ("tests/test_remat_search.py::test_matmul_count_equals_the_compilers_on_an_unrolled_step",)),
+    Mutant("flops_shard_map_one_shard", "planner/flops.py",  # Pallas kernels counted for one shard only
+           'axes = p.get("newly_manual_axes") or p.get("manual_axes") or p.get("axis_names") or ()', "axes = ()",
+           ("tests/test_remat_search.py::test_405b_step_counts_the_pallas_kernels_in_every_shard",)),
 ]
 
 
