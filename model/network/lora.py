@@ -93,34 +93,31 @@ def adapters(lora: LoraConfig, in_shape, out_shape, in_axes, out_axes, layers: i
 
 
 _DROPOUT_KEY: contextvars.ContextVar[jax.Array | None] = contextvars.ContextVar("lora_dropout_key", default=None)
+_TOKEN_SLOTS: contextvars.ContextVar[jax.Array | None] = contextvars.ContextVar("lora_token_slots", default=None)
 
 
 @contextlib.contextmanager
-def dropout_key(key: jax.Array | None):
-    """Within this context (a training step's trace, per layer), adapters apply their dropout."""
-    token = _DROPOUT_KEY.set(key)
+def _setting(var: contextvars.ContextVar, value):
+    token = var.set(value)
     try:
         yield
     finally:
-        _DROPOUT_KEY.reset(token)
+        var.reset(token)
+
+
+def dropout_key(key: jax.Array | None):
+    """Within this context (a training step's trace, per layer), adapters apply their dropout."""
+    return _setting(_DROPOUT_KEY, key)
 
 
 def current_dropout_key() -> jax.Array | None:
     return _DROPOUT_KEY.get()
 
 
-_TOKEN_SLOTS: contextvars.ContextVar[jax.Array | None] = contextvars.ContextVar("lora_token_slots", default=None)
-
-
-@contextlib.contextmanager
 def token_slots(rows: jax.Array | None):
     """Within this context (a serving step's trace), `LoraSlots` layers apply adapter rows[b, t] - 1 to
     token [b, t] (`rows` shaped like the tokens; 0: no adapter). Outside it they add nothing."""
-    token = _TOKEN_SLOTS.set(rows)
-    try:
-        yield
-    finally:
-        _TOKEN_SLOTS.reset(token)
+    return _setting(_TOKEN_SLOTS, rows)
 
 
 def current_token_slots() -> jax.Array | None:
