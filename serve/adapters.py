@@ -57,10 +57,6 @@ class HostAdapter:
     values: dict
 
 
-def slots_config(max_loras: int, max_rank: int, dtype: str) -> LoraSlots:
-    return LoraSlots(rank=max_rank, slots=max_loras, dtype=dtype)
-
-
 class AdapterSlots:
     """Names -> slots of one engine. Thread-safe."""
 

@@ -261,6 +261,3 @@ class API:
         """The text of token ids (an echoed prompt), special tokens left out when `skip_special`."""
         skip = self.special if skip_special else frozenset()
         return b"".join(self.tokenizer.token_bytes(t) for t in ids if t not in skip).decode("utf-8", errors="replace")
-
-    def _model_card(self) -> dict:
-        return {"id": self.model_name, "object": "model", "created": self.started, "owned_by": "llama-jax"}
