@@ -59,6 +59,29 @@ def test_attend_routes_splash_only_for_self_attention_it_can_run():
     assert not attention.splash_supported(q[:, :100], k[:, :100])  # not a multiple of 128: the reference
 
 
+def test_causal_blocks_equal_the_reference_forward_and_gradients():
+    """The causal-blocks path (query blocks over the keys up to their end) against one [T, S] block of the
+    reference: packed rows with padding, GQA, outputs and dq, dk, dv within 1e-5 × max; and `attend` takes it
+    for self-attention (a block that missed its own last keys, or saw later ones, moves the outputs)."""
+    q, k, v, pos, seg = _packed_inputs(T=256)
+    ct = jnp.asarray(np.random.default_rng(1).normal(size=q.shape), jnp.float32)
+
+    def blocks(q, k, v):
+        return attention.xla_attention_causal_blocks(q, k, v, pos, pos, seg, seg, attention.CAUSAL_BLOCK)
+
+    def ref(q, k, v):
+        return attention.xla_attention(q, k, v, pos, pos, seg, seg)
+
+    want = ref(q, k, v)
+    np.testing.assert_allclose(blocks(q, k, v), want, rtol=0,
+                               atol=1e-5 * float(jnp.abs(want).max()))
+    routed = attention.attend(q, k, v, q_pos=pos, k_pos=pos, q_seg=seg, k_seg=seg, self_attention=True)
+    np.testing.assert_array_equal(routed, blocks(q, k, v))
+    for name, a, b in zip("qkv", jax.grad(lambda *a: jnp.sum(blocks(*a) * ct), (0, 1, 2))(q, k, v),
+                          jax.grad(lambda *a: jnp.sum(ref(*a) * ct), (0, 1, 2))(q, k, v)):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * float(jnp.abs(b).max()), err_msg=f"d{name}")
+
+
 def test_qlora_backward_has_no_dequantized_whole_weight():
     """The real QLoRA step (int4 base, adapters, remat full) of a 405B-width model at depth 1, compiled
     for v6e-4 (fsdp 4): no bf16/f32 buffer in the compiled program is as large as one device's gate/up

@@ -9,6 +9,9 @@ Implementations:
          For long query blocks (T > QUERY_CHUNK) the same computation runs as a scan over query
          chunks, rematerialised per chunk, so the fp32 scores held at once are [B,K,G,QUERY_CHUNK,S]
          rather than [B,K,G,T,S] (forward and backward). Each row's arithmetic is unchanged.
+         Self-attention up to QUERY_CHUNK tokens (unless the length is split over a mesh axis) runs in
+         query blocks of CAUSAL_BLOCK, each over the keys up to its end only (causal by token index, as
+         for splash below).
   cudnn  `jax.nn.dot_product_attention(implementation="cudnn")` (flash attention) on NVIDIA GPUs,
          for causal self-attention over whole sequences (training and prefill).
   splash the Pallas splash-attention kernel (`jax.experimental.pallas.ops.tpu.splash_attention`) on
@@ -39,6 +42,7 @@ from sharding.rules import active_mesh, logical_to_spec
 log = logging.getLogger(__name__)
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
 QUERY_CHUNK = 512  # queries per step of the chunked XLA path
+CAUSAL_BLOCK = 64  # query block of the causal-blocks XLA path (self-attention up to QUERY_CHUNK tokens)
 SPLASH_BLOCK = 512  # query / key block of the splash kernel (a multiple of 128 dividing the length)
 
 
@@ -72,6 +76,26 @@ def xla_attention(q_BTNH, k_BSKH, v_BSKH, q_pos_BT, k_pos_BS, q_seg_BT, k_seg_BS
     probs = jax.nn.softmax(scores, axis=-1).astype(v_BSKH.dtype)
     out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v_BSKH)
     return out.reshape(B, T, N, H)
+
+
+def xla_attention_causal_blocks(q_BTNH, k_BSKH, v_BSKH, q_pos_BT, k_pos_BS, q_seg_BT, k_seg_BS, block: int):
+    """`xla_attention` for self-attention over this call's tokens, in query blocks of `block` that skip the
+    keys after the block: a key later in the row than its query is never visible (within a segment positions
+    count up with the index; across segments nothing is visible), so only about half of the [T, S] scores
+    are computed. Each row's arithmetic is unchanged. Three times faster than one [T, S] block on a CPU at
+    T = 512 (forward and backward), as the blocks' scores stay small."""
+    T = q_BTNH.shape[1]
+    outs = []
+    for start in range(0, T, block):
+        q, end = slice(start, start + block), slice(0, start + block)
+        outs.append(xla_attention(q_BTNH[:, q], k_BSKH[:, end], v_BSKH[:, end], q_pos_BT[:, q], k_pos_BS[:, end],
+                                  q_seg_BT[:, q], k_seg_BS[:, end]))
+    return jnp.concatenate(outs, axis=1)
+
+
+def _length_is_split() -> bool:
+    mesh = active_mesh()
+    return mesh is not None and logical_to_spec(("length",), mesh, strict=False)[0] is not None
 
 
 def xla_attention_chunked(q_BTNH, k_BSKH, v_BSKH, q_pos_BT, k_pos_BS, q_seg_BT, k_seg_BS, chunk: int):
@@ -160,6 +184,8 @@ def attend(q_BTNH, k_BSKH, v_BSKH, *, q_pos, k_pos, q_seg, k_seg, impl: str = "x
     if impl == "splash" and (self_attention or causal_self) and splash_supported(q_BTNH, k_BSKH):
         return splash_attention(q_BTNH, k_BSKH, v_BSKH, q_seg, k_seg, interpret=platform() != "tpu")
     T = q_BTNH.shape[1]
+    if self_attention and T <= QUERY_CHUNK and T % CAUSAL_BLOCK == 0 and T > CAUSAL_BLOCK and not _length_is_split():
+        return xla_attention_causal_blocks(q_BTNH, k_BSKH, v_BSKH, q_pos, k_pos, q_seg, k_seg, CAUSAL_BLOCK)
     if T > QUERY_CHUNK and T % QUERY_CHUNK == 0:
         return xla_attention_chunked(q_BTNH, k_BSKH, v_BSKH, q_pos, k_pos, q_seg, k_seg, QUERY_CHUNK)
     return xla_attention(q_BTNH, k_BSKH, v_BSKH, q_pos, k_pos, q_seg, k_seg)
