@@ -115,6 +115,12 @@ MUTANTS = [
     Mutant("flops_shard_map_one_shard", "planner/flops.py",  # Pallas kernels counted for one shard only
            'axes = p.get("newly_manual_axes") or p.get("manual_axes") or p.get("axis_names") or ()', "axes = ()",
            ("tests/test_remat_search.py::test_405b_step_counts_the_pallas_kernels_in_every_shard",)),
+    Mutant("causal_block_misses_its_last_key", "model/network/attention.py",
+           "slice(start, start + block), slice(0, start + block)", "slice(start, start + block), slice(0, start + block - 1)",
+           ("tests/test_train_speed_paths.py::test_causal_blocks_equal_the_reference_forward_and_gradients",)),
+    Mutant("swiglu_backward_drops_a_term", "model/network/llama.py",
+           "d_gate = dh * u * sig * (1 + g * (1 - sig))", "d_gate = dh * u * sig",
+           ("tests/test_train_speed_paths.py::test_swiglu_backward_equals_autodiff",)),
 ]
 
 

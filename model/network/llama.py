@@ -57,6 +57,28 @@ class Attention(nnx.Module):
         return self.o(constrain(out, ("batch", "length", "heads", "head_dim")))
 
 
+@jax.custom_vjp
+def swiglu(gate, up):
+    return jax.nn.silu(gate) * up
+
+
+def _swiglu_fwd(gate, up):
+    return swiglu(gate, up), (gate, up)
+
+
+def _swiglu_bwd(res, d_h):
+    """From gate and up alone: autodiff saved silu(gate), its sigmoid and products too (five [B,T,F] arrays
+    per layer where two do)."""
+    gate, up = res
+    g, u, dh = (a.astype(jnp.float32) for a in (gate, up, d_h))
+    sig = jax.nn.sigmoid(g)
+    d_gate = dh * u * sig * (1 + g * (1 - sig))
+    return d_gate.astype(gate.dtype), (dh * g * sig).astype(up.dtype)
+
+
+swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
+
+
 class MLP(nnx.Module):
     def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs, layers: int | None = None):
         D, F = cfg.dim, cfg.mlp_dim
@@ -67,7 +89,7 @@ class MLP(nnx.Module):
 
     def __call__(self, x_BTD):
         gate, up = project(x_BTD, self.gate, self.up)
-        h = jax.nn.silu(name(gate, "mlp_in")) * name(up, "mlp_in")
+        h = swiglu(name(gate, "mlp_in"), name(up, "mlp_in"))
         return self.down(constrain(h, ("batch", "length", "mlp")))
 
 
