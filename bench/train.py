@@ -6,7 +6,8 @@ Shape (shared/reference/anchors.md): dim 1024, 8 layers, 16 heads, 4 KV heads, f
 LoRA r=16 (alpha 32) on q,k,v,o,gate,up,down, batch 4 x seq 512. Prints one JSON line per
 measurement: the CPU matmul rate (XLA, 2048^3), our step and the peer's step (tokens/s and achieved
 model FLOP/s, counted the same way for both: forward + activation gradients of the frozen base,
-plus attention; adapter FLOPs are negligible). `--repeat N` measures ours and the peer N times,
+plus attention; adapter FLOPs are negligible); for a 16-bit dtype also the 2048³ matmul rate of XLA and
+of PyTorch in that dtype. `--repeat N` measures ours and the peer N times,
 alternating, and prints each ratio (the machine is shared: compare within a run). `--layers` cuts the
 depth for a quick check under load (the bench shape is 8).
 """
@@ -35,14 +36,21 @@ B, T, R = 4, 512, 16
 LAYERS = SHAPE["num_layers"]
 
 
-def matmul_rate() -> float:
-    a = jnp.ones((2048, 2048), jnp.float32)
-    f = jax.jit(lambda x: x @ x)
-    f(a).block_until_ready()
+def matmul_rate(dtype: str = "float32", torch_peer: bool = False) -> float:
+    """Best of 5 of a 2048³ matmul: XLA's, or (torch_peer) PyTorch's, whose bf16 products use AMX where the
+    CPU has it and XLA:CPU's do not."""
+    if torch_peer:
+        import torch
+        a = torch.ones(2048, 2048, dtype=getattr(torch, dtype))
+        f = lambda: a @ a  # noqa: E731
+    else:
+        x, g = jnp.ones((2048, 2048), dtype), jax.jit(lambda x: x @ x)
+        f = lambda: g(x).block_until_ready()  # noqa: E731
+    f()
     best = 0.0
     for _ in range(5):
         t0 = time.perf_counter()
-        f(a).block_until_ready()
+        f()
         best = max(best, 2 * 2048 ** 3 / (time.perf_counter() - t0))
     return best
 
@@ -119,6 +127,10 @@ def main():
     flops_tok = cfg.train_flops_per_token(T, lora_only=True)
     rate = matmul_rate()
     print(json.dumps({"bench": "cpu_matmul_2048", "gflop_s": round(rate / 1e9, 1)}), flush=True)
+    if args.dtype != "float32":
+        for impl, peer_rate in (("xla", False), ("torch", True)):
+            print(json.dumps({"bench": "cpu_matmul_2048", "impl": impl, "dtype": args.dtype,
+                              "gflop_s": round(matmul_rate(args.dtype, peer_rate) / 1e9, 1)}), flush=True)
     for r in range(args.repeat):
         results = {}
         for name, fn in (("ours", lambda: ours(args.steps, args.dtype, args.remat)),
