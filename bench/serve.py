@@ -299,21 +299,22 @@ def capacity_ratio(block_size: int, max_len: int, short: int = 64, long: int = 1
 
 
 def concurrency(ckpt: Path, dtype: str, quant: str | None, kv_dtype: str, new_tokens: int, block_size: int,
-                repeats: int) -> dict:
+                repeats: int, prefill_chunk: int = 128) -> dict:
     """The issue-12 measurements on one engine (see the module docstring)."""
     import model
     from serve.config import EngineConfig
     from serve.engine import Engine
 
     m = model.load(ckpt, dtype=dtype, quant=quant)
-    eng = Engine(m, _tokenizer(m), EngineConfig(max_slots=64, max_len=2048, prefill_chunk=128, prefill_tokens=256,
+    eng = Engine(m, _tokenizer(m), EngineConfig(max_slots=64, max_len=2048, prefill_chunk=prefill_chunk,
+                                                prefill_tokens=max(2 * prefill_chunk, 128),
                                                 kv_dtype=kv_dtype, block_size=block_size))
     rng = np.random.default_rng(3)
 
     def prompts(n, length):
         return [[int(t) for t in rng.integers(0, 256, length)] for _ in range(n)]
 
-    out = {"block_size": block_size}
+    out = {"block_size": block_size, "prefill_chunk": prefill_chunk}
     for n in (16, 64):
         steady_decode(eng, prompts(n, 32), 4)  # compiles
         out[f"steady_decode_{n}_tokens_per_s"] = max(steady_decode(eng, prompts(n, 32), 12) for _ in range(repeats))
@@ -441,6 +442,8 @@ def main(argv=None) -> int:
                                                           "these formats (steady decode at 16/64, prefill rate, "
                                                           "interruption, shared prefix, capacity)")
     p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--prefill-chunk", type=int, default=128, help="--paged: prompt tokens of one request per step "
+                   "(smaller: decoding requests wait less behind a long prompt, which itself takes longer)")
     p.add_argument("--skip-batch1", action="store_true", help="only the --paged measurements (and the peer)")
     p.add_argument("--lora", nargs="*", default=[], help="also the multi-adapter measurements for these formats")
     args = p.parse_args(argv)
@@ -479,7 +482,8 @@ def main(argv=None) -> int:
     results = {}
     for f in args.paged:
         dtype, quant = formats[f]
-        r = concurrency(ckpt, dtype, quant, args.kv_dtype, args.new_tokens, args.block_size, args.repeats)
+        r = concurrency(ckpt, dtype, quant, args.kv_dtype, args.new_tokens, args.block_size, args.repeats,
+                        args.prefill_chunk)
         flops = matmul_flops(dtype)
         params = matmul_params(ckpt, dtype, quant)
         emit(what="ours_paged", weights=f, **r, matmul_flops=flops,
