@@ -43,7 +43,7 @@ def main() -> None:
     job = Job(model=args.model, mode=mode, quant=args.quant, batch=args.batch, seq=args.seq, layers=args.layers)
     mesh = make_mesh(args.mesh)
     dev = jax.devices()[0]
-    est = estimate(job, abstract_mesh(dict(mesh.shape)), dev.platform)
+    est = estimate(job, abstract_mesh(dict(mesh.shape)))
     cfg = model_config(job)
     row = {"bench": "plan_gpu_check", "device": dev.device_kind, "devices": jax.device_count(), "model": args.model,
            "mode": mode, "quant": args.quant, "batch": args.batch, "seq": args.seq, "mesh": dict(mesh.shape),

@@ -173,7 +173,7 @@ def _serving(job: Job, cfg, tree: _Tree, lo: _Local, mesh, rules, out: dict) -> 
     return layer, head
 
 
-def estimate(job: Job, mesh, platform: str = "tpu") -> dict[str, int]:
+def estimate(job: Job, mesh) -> dict[str, int]:
     """Per-device bytes by category for `job` on `mesh` (a Mesh or AbstractMesh with the AXES names)."""
     cfg = model_config(job)
     rules = rules_for(job.mode)

@@ -88,9 +88,9 @@ def plan(job: Job, topology: str, mesh_spec: str | None = None, compile: bool = 
     capacity = topo.hbm_bytes
     if mesh_spec:
         sizes = _given_mesh(job, topo, mesh_spec)
-        est = estimate(job, abstract_mesh(sizes), topo.kind)
+        est = estimate(job, abstract_mesh(sizes))
     else:
-        sizes, est = choose_mesh(job, topo.chips, capacity, max(headroom, MESH_HEADROOM), topo.num_slices, topo.kind)
+        sizes, est = choose_mesh(job, topo.chips, capacity, max(headroom, MESH_HEADROOM), topo.num_slices)
     batch = job.batch or sizes["data"] * sizes["fsdp"]
     result = {
         "model": job.model, "params": cfg.num_params(), "layers": cfg.num_layers,
@@ -190,7 +190,7 @@ def _local(job: Job, mesh, programs: Programs | None, headroom: float) -> dict:
     """The plan on `mesh` of local devices: compiled with `programs`, analytic only without."""
     sizes = dict(mesh.shape)
     device = jax.devices()[0]
-    est = estimate(job, abstract_mesh(sizes), device.platform)
+    est = estimate(job, abstract_mesh(sizes))
     capacity = _local_capacity(device)
     compiled = compile_job(job, mesh, programs) if programs else None
     cfg = model_config(job)

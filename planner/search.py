@@ -32,8 +32,8 @@ def candidate_meshes(job: Job, chips: int, num_slices: int = 1) -> list[dict[str
     return out
 
 
-def choose_mesh(job: Job, chips: int, capacity: int, headroom: float, num_slices: int = 1,
-                platform: str = "tpu") -> tuple[dict[str, int], dict[str, int]]:
+def choose_mesh(job: Job, chips: int, capacity: int, headroom: float,
+                num_slices: int = 1) -> tuple[dict[str, int], dict[str, int]]:
     """(mesh sizes, estimate): the first candidate that fits with `headroom`, else the smallest."""
     best = None
     errors = []
@@ -45,7 +45,7 @@ def choose_mesh(job: Job, chips: int, capacity: int, headroom: float, num_slices
             errors.append(f"batch {rows} rows is not divisible by data x fsdp = {sizes['data'] * sizes['fsdp']}")
             continue
         try:
-            est = estimate(job, mesh, platform)
+            est = estimate(job, mesh)
         except PlanError as e:
             errors.append(str(e))
             continue

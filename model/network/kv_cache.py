@@ -79,12 +79,6 @@ def abstract(cfg: LlamaConfig, num_blocks: int, block_size: int, dtype: str) -> 
     return KVPool(jax.ShapeDtypeStruct(shape, _storage(dtype)), dtype=dtype)
 
 
-def block_bytes(cfg: LlamaConfig, block_size: int, dtype: str) -> int:
-    """Bytes of one block over all layers (keys, values and int8 scales)."""
-    per_token = 2 * cfg.num_kv_heads * (cfg.head_dim * jnp.dtype(_storage(dtype)).itemsize + 4 * (dtype == "int8"))
-    return cfg.num_layers * block_size * per_token
-
-
 def _storage(dtype: str):
     """The array dtype that holds a cache of `dtype` (16-bit floats as their bits)."""
     return jnp.uint16 if jnp.dtype(dtype).itemsize == 2 else jnp.dtype(dtype)

@@ -1,16 +1,13 @@
-// Attention of new tokens over one layer of the serving KV cache, on one CPU device: the dense cache
-// [L, slots, S, K, H] (`llama_jax_attention`) and the paged pool [L, num_blocks, block_size, 2K, H] with the
-// ragged step of model/network/paged_attention.py (`llama_jax_paged_attention`: the same arithmetic per
-// token over the keys its sequence's block table names, up to its own position; float32, bfloat16 bits or
-// int8 pools).
+// Attention of new tokens over one layer of the serving engine's paged KV pool [L, num_blocks, block_size, 2K, H],
+// on one CPU device, with the ragged step of model/network/paged_attention.py (`llama_jax_paged_attention`:
+// each token over the keys its sequence's block table names, up to its own position; float32, bfloat16 bits
+// or int8 pools).
 //
-// The same arithmetic as model/attention.py's XLA path over a cache: scores q·k in float32, scaled by
-// 1/sqrt(H); query t of row b sees cache positions s <= positions[b, t]; softmax in float32; the
-// probabilities rounded to the cache's dtype (as XLA's bf16 einsum takes them); their sum with v in
-// float32 (`round_probs`: when the model computes in bfloat16). Padding queries (segment 0) get zeros:
-// they write nothing and nothing reads them.
-// In XLA the same step is ~10 small ops per layer (a gather of the row's keys/values, conversions,
-// transposes, two dots, the softmax), each costing more in launch overhead than in arithmetic.
+// The same arithmetic as the XLA reference: scores q·k in float32, scaled by 1/sqrt(H); softmax in float32;
+// the probabilities rounded to bfloat16 when the model computes in it (as XLA's bf16 einsum takes them);
+// their sum with v in float32 (`round_probs`). Tokens past the step's sequences get zeros.
+// In XLA the same step is ~10 small ops per layer (a gather of the keys/values, conversions, transposes,
+// two dots, the softmax), each costing more in launch overhead than in arithmetic.
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -165,38 +162,6 @@ inline void softmax(float* scores, int64_t n, int64_t G, bool round_probs) {
   }
 }
 
-// One (row, query, KV head): its G query heads against keys/values [0, n) of the slot. scores holds G * n
-// floats, row H (the portable path's converted key/value row).
-template <typename T>
-void attend_one(const float* q, const T* k, const T* v, float* out, int64_t n, int64_t G, int64_t K, int64_t H,
-                bool round_probs, float* scores, float* row) {
-  const float scale = 1.0f / std::sqrt(static_cast<float>(H));
-  const int64_t stride = K * H;
-#ifdef __AVX512F__
-  if (H == 64 || H == 128) {
-    if (H == 64) scores_avx512<T, 4>(q, k, n, G, stride, scale, scores, n);
-    else scores_avx512<T, 8>(q, k, n, G, stride, scale, scores, n);
-    softmax(scores, n, G, round_probs);
-    if (H == 64) values_avx512<T, 4>(scores, v, n, G, stride, out, n, false);
-    else values_avx512<T, 8>(scores, v, n, G, stride, out, n, false);
-    return;
-  }
-#endif
-  for (int64_t s = 0; s < n; ++s) {
-    for (int64_t h = 0; h < H; ++h) row[h] = load(k + s * stride + h);
-    for (int64_t g = 0; g < G; ++g) scores[g * n + s] = dot(q + g * H, row, H) * scale;
-  }
-  softmax(scores, n, G, round_probs);
-  std::fill(out, out + G * H, 0.0f);
-  for (int64_t s = 0; s < n; ++s) {
-    for (int64_t h = 0; h < H; ++h) row[h] = load(v + s * stride + h);
-    for (int64_t g = 0; g < G; ++g) {
-      const float p = scores[g * n + s];
-      float* o = out + g * H;
-      for (int64_t h = 0; h < H; ++h) o[h] += p * row[h];
-    }
-  }
-}
 
 // one(i) for i in [0, items), on the pool's threads too when `work` (multiply-adds) is large: the work of a
 // decode step is tens of microseconds, so threads only for long prompts or many rows.
@@ -221,27 +186,6 @@ void parallel_for(ffi::ThreadPool* pool, int64_t items, int64_t work, F& one) {
   loop(*sh);
   while (sh->done.load(std::memory_order_acquire) < items) {
   }
-}
-
-template <typename T>
-void run(ffi::ThreadPool* pool, const float* q, const T* kc, const T* vc, const int32_t* rows, const int32_t* pos,
-         const int32_t* seg, float* out, int64_t layer, int64_t B, int64_t Tq, int64_t N, int64_t H, int64_t slots,
-         int64_t S, int64_t K, int64_t kv_len, bool round_probs) {
-  const int64_t G = N / K, items = B * Tq * K;
-  auto one = [&](int64_t item) {
-    const int64_t kh = item % K, bt = item / K, b = bt / Tq;
-    float* o = out + (bt * N + kh * G) * H;
-    if (seg[bt] <= 0) {
-      std::fill(o, o + G * H, 0.0f);
-      return;
-    }
-    const int64_t n = std::min<int64_t>(kv_len, static_cast<int64_t>(pos[bt]) + 1);
-    const int64_t base = ((layer * slots + rows[b]) * S) * K * H + kh * H;
-    std::vector<float> scores(G * std::max<int64_t>(n, 1)), row(H);
-    attend_one(q + (bt * N + kh * G) * H, kc + base, vc + base, o, n, G, K, H, round_probs, scores.data(),
-               row.data());
-  };
-  parallel_for(pool, items, items * kv_len * H, one);
 }
 
 
@@ -346,43 +290,6 @@ void run_paged(ffi::ThreadPool* pool, const float* q, const T* kv, const float* 
 }
 
 }  // namespace
-
-// q f32 [B, T, N, H]; k, v caches [L, slots, S, K, H] (f32, or bf16 as u16 bits); layer s32 [];
-// rows s32 [B]; positions, segments s32 [B, T] -> out f32 [B, T, N, H]
-static ffi::Error Attention(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
-                            ffi::AnyBuffer layer, ffi::AnyBuffer rows, ffi::AnyBuffer positions,
-                            ffi::AnyBuffer segments, ffi::Result<ffi::AnyBuffer> out, int64_t kv_len,
-                            int64_t round_probs) {
-  auto qd = q.dimensions(), kd = k.dimensions();
-  if (qd.size() != 4 || kd.size() != 5 || q.element_type() != ffi::DataType::F32 || k.element_type() != v.element_type() ||
-      qd[3] != kd[4] || qd[2] % kd[3] || kv_len > kd[2])
-    return ffi::Error::InvalidArgument("cpu_attention: bad shapes or dtypes");
-  const int64_t B = qd[0], T = qd[1], N = qd[2], H = qd[3], L = kd[0], slots = kd[1], S = kd[2], K = kd[3];
-  const int32_t li = *static_cast<const int32_t*>(layer.untyped_data());
-  const int32_t* rp = static_cast<const int32_t*>(rows.untyped_data());
-  for (int64_t b = 0; b < B; ++b)
-    if (rp[b] < 0 || rp[b] >= slots) return ffi::Error::InvalidArgument("cpu_attention: row out of range");
-  if (li < 0 || li >= L) return ffi::Error::InvalidArgument("cpu_attention: layer out of range");
-  const float* qp = static_cast<const float*>(q.untyped_data());
-  const int32_t* pp = static_cast<const int32_t*>(positions.untyped_data());
-  const int32_t* sp = static_cast<const int32_t*>(segments.untyped_data());
-  float* op = static_cast<float*>(out->untyped_data());
-  if (k.element_type() == ffi::DataType::F32)
-    run(&pool, qp, static_cast<const float*>(k.untyped_data()), static_cast<const float*>(v.untyped_data()), rp, pp, sp,
-        op, li, B, T, N, H, slots, S, K, kv_len, round_probs);
-  else if (k.element_type() == ffi::DataType::U16)
-    run(&pool, qp, static_cast<const uint16_t*>(k.untyped_data()), static_cast<const uint16_t*>(v.untyped_data()), rp,
-        pp, sp, op, li, B, T, N, H, slots, S, K, kv_len, round_probs);
-  else
-    return ffi::Error::InvalidArgument("cpu_attention: caches must be f32 or bf16 bits (u16)");
-  return ffi::Error::Success();
-}
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(llama_jax_attention, Attention,
-                              ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>()
-                                  .Attr<int64_t>("kv_len").Attr<int64_t>("round_probs"));
 
 
 // Checks the step's metadata against the pool and fills tok_seq (see run_paged); an error names what is wrong.

@@ -17,10 +17,9 @@ XLA's dot. The library is compiled with the C++ compiler found on PATH (`-O3 -ma
 ~/.cache/llama-jax (or $LLAMA_JAX_CACHE; created 0700), under a key of the sources, compiler, flags, CPU
 features and jax/jaxlib versions; a cached library not owned by this user or writable by others is rebuilt.
 
-Attention: XLA runs a decode step's attention as ~10 small ops per layer (gather the slot's keys and
-values, convert, transpose, two dots, softmax), each costing more in launch overhead than in
-arithmetic; with the same decision (`kv_cache.CacheUpdate(cpu_kernels=True)`) `attention` computes it
-in one call. `paged_attention` is the same over the serving engine's block pool and ragged step
+Attention: XLA runs a decode step's attention as ~10 small ops per layer (gather the keys and values,
+convert, transpose, two dots, softmax), each costing more in launch overhead than in arithmetic;
+`paged_attention` computes it in one call over the serving engine's block pool and ragged step
 (model/network/paged_attention.py, implementation "cpu"): float32, bfloat16 or int8 pools.
 """
 
@@ -151,7 +150,7 @@ def available() -> bool:
             _STATE["ok"] = False
             return False
         lib = ctypes.cdll.LoadLibrary(str(build()))
-        for name in ("llama_jax_gemv", "llama_jax_attention", "llama_jax_paged_attention"):
+        for name in ("llama_jax_gemv", "llama_jax_paged_attention"):
             jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform="cpu")
         _STATE.update(ok=True, lib=lib)
     return _STATE["ok"]
@@ -211,23 +210,6 @@ def gemv(x2, weights, group: int = 0) -> list[jax.Array]:
 
 # ---------------------------------------------------------------------------------------------
 # Attention over the KV cache (cpu_attention.cc)
-
-def attention_applies(cache) -> bool:
-    """Caches the attention kernel reads: float32, or bfloat16 held as bits."""
-    return not cache.quantized and cache.dtype in ("float32", "bfloat16")
-
-
-def attention(q_BTNH, cache, layer, rows, positions, segments, kv_len: int) -> jax.Array:
-    """Attention of q over positions [0, kv_len) of cache slots `rows` in `layer` of a float32 or bfloat16
-    KVCache (already holding this step's keys/values); the engine's XLA path, in one call. -> [B, T, N, H]
-    in q's dtype."""
-    out = jax.ShapeDtypeStruct(q_BTNH.shape, jnp.float32)
-    y = jax.ffi.ffi_call("llama_jax_attention", out)(
-        q_BTNH.astype(jnp.float32), cache.k, cache.v, jnp.asarray(layer, jnp.int32), rows.astype(jnp.int32),
-        positions.astype(jnp.int32), segments.astype(jnp.int32), kv_len=int(kv_len),
-        round_probs=int(q_BTNH.dtype == jnp.bfloat16))
-    return y.astype(q_BTNH.dtype)
-
 
 def paged_attention_applies(dtype: str) -> bool:
     """Pools the paged attention kernel reads (`KVPool.dtype`): float32, bfloat16 (held as bits) or int8."""
