@@ -63,3 +63,17 @@ def test_serve_api_key_is_literal_and_never_empty():
     assert serve_config(None, ["server.api_key=null"]).server.api_key == "null"
     with pytest.raises(ConfigError, match="api_key.*must not be empty"):
         serve_config(None, ["server.api_key="])
+
+
+def test_headroom_is_a_config_field_and_the_flag_sets_it(monkeypatch):
+    """`headroom` in the config (so every worker of a pod run reads the same), `--headroom` a shorthand for it,
+    and what --compile-only / model.remat=auto are given."""
+    from train import __main__ as train_main
+    assert train_config(None, ["headroom=0.25"]).headroom == 0.25
+    with pytest.raises((ConfigError, ValueError), match="headroom"):
+        train_config(None, ["headroom=1.5"])
+    seen = []
+    monkeypatch.setattr(train_main, "compile_only", lambda cfg, headroom: seen.append(headroom) or 0)
+    assert train_main.main(["--compile-only", "--headroom", "0.3"]) == 0
+    assert train_main.main(["--compile-only", "headroom=0.2"]) == 0
+    assert seen == [0.3, 0.2]

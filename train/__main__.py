@@ -95,15 +95,17 @@ def main(argv=None) -> int:
     parser.add_argument("--config", default=None, help="a config in configs/ (by name) or a YAML path; default: toy_cpu")
     parser.add_argument("--compile-only", action="store_true",
                         help="compile the step for the config's mesh/topology, print per-chip memory, exit 0 if it fits")
-    parser.add_argument("--headroom", type=float, default=0.0,
-                        help="fraction of device memory to keep free (--compile-only's verdict, model.remat=auto)")
+    parser.add_argument("--headroom", type=float, default=None,
+                        help="fraction of device memory to keep free (--compile-only's verdict, model.remat=auto); "
+                             "the same as the override headroom=X")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. steps=50 lora.rank=8")
     args = parser.parse_args(argv)
-    cfg = start_job(load_config, args.config, args.overrides)
+    overrides = args.overrides + ([] if args.headroom is None else [f"headroom={args.headroom}"])
+    cfg = start_job(load_config, args.config, overrides)
     if cfg is None:
         return 2
     if args.compile_only:
-        return compile_only(cfg, headroom=args.headroom)
+        return compile_only(cfg, headroom=cfg.headroom)
     try:
         line = missing_devices(cfg, args.config)
     except ValueError as e:  # a malformed mesh spec
@@ -112,7 +114,7 @@ def main(argv=None) -> int:
         print(line, file=sys.stderr)
         return 2
     if cfg.model.remat == "auto":
-        cfg = resolve_remat(cfg, args.headroom)
+        cfg = resolve_remat(cfg, cfg.headroom)
     try:
         result = run(cfg)
     except (DataError, FloatingPointError, HubError) as e:

@@ -70,6 +70,9 @@ class TrainConfig:
     wandb: WandbConfig = WandbConfig()
     mesh: str = "fsdp=-1"  # axis=size pairs; see sharding/mesh.py
     topology: str | None = None  # compile for this TPU topology (e.g. v6e-16) with --compile-only
+    # fraction of device memory to keep free: --compile-only's verdict and model.remat=auto's choice (in the
+    # config, so every worker of a pod run takes the same; `--headroom` on the command line sets it too)
+    headroom: float = 0.0
     steps: int = 100  # total; the learning-rate schedule spans these
     stop_after: int | None = None  # end this run at this step (checkpointed; rerun to continue)
     log_every: int = 5
@@ -78,6 +81,10 @@ class TrainConfig:
     output_dir: str = "runs/toy"
     seed: int = 0
     profile_steps: tuple[int, ...] = ()  # (first, last): write a profiler trace of these steps
+
+    def __post_init__(self):
+        if not 0.0 <= self.headroom < 1.0:
+            raise ValueError(f"headroom must be a fraction in [0, 1), got {self.headroom}")
 
 
 def load_config(path: str | None, overrides: list[str] = ()) -> TrainConfig:
