@@ -424,18 +424,21 @@ def test_compile_only_local(capsys):
     assert "decode step" in out and "prefill step" in out and "FITS" in out
 
 
-@pytest.mark.parametrize("fmt", ["float32", "bfloat16", "int8", "int4"])
-def test_cpu_gemv_kernels(fmt):
+@pytest.mark.parametrize("fmt,Ns", [("float32", (200, 64)), ("bfloat16", (200, 64)), ("bfloat16", (208, 48)),
+                                    ("int8", (200, 64)), ("int4", (200, 64))])
+def test_cpu_gemv_kernels(fmt, Ns):
     """model/cpu_gemv.cc against numpy: float kernels on the same weights; integer kernels against the
     arithmetic they implement (activations quantized per block of 128 inputs, exact integer sums),
-    several products in one call, row counts across the 4-row tiles and the L2 chunking of x."""
+    several products in one call, row counts across the 4-row tiles and the L2 chunking of x. bfloat16 with
+    outputs in multiples of 16 and 16 rows or more takes the AMX tiles where the CPU has them (208: an odd
+    number of 16-output blocks; 17 and 300 rows: a part-filled block of rows)."""
     from model.network import quant
     from model.network.backends import cpu_kernels
 
     if not cpu_kernels.available():
         pytest.skip("no C++ compiler: the engine uses XLA's dot instead")
     rng = np.random.default_rng(0)
-    K, Ns = 512, (200, 64)
+    K = 512
     ws = [rng.standard_normal((K, N)).astype(np.float32) * 0.1 for N in Ns]
     if fmt in ("float32", "bfloat16"):
         packed = [(jax.numpy.asarray(w.T, fmt), None) for w in ws]

@@ -29,6 +29,12 @@
 #include <immintrin.h>
 #endif
 
+#if defined(LLAMA_JAX_AVX512) && defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__linux__)
+#define LLAMA_JAX_AMX 1
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -306,6 +312,104 @@ void run_float(ffi::ThreadPool* pool, const T* x, const std::vector<Seg>& segs, 
   });
 }
 
+#ifdef LLAMA_JAX_AMX
+// ---------------------------------------------------------------------------------------------------
+// AMX (Intel Sapphire Rapids and later), bfloat16 weights with AMX_ROWS or more rows of x: many rows are
+// arithmetic-bound in the AVX-512 tiles above (a 16-row decode step or a prompt chunk), and one tile product
+// (TDPBF16PS, 16 x 16 x 32) does 64 of their pair dot products. A tile (tmm2) is 16 weight rows x 32 inputs
+// read in place from wt [N, K]; x is packed once per call in pairs of inputs ([K/2, 16 rows, 2] per block of
+// 16 rows, zero-padded), the layout the second operand needs (tmm3, tmm4); C (tmm0, tmm1) is [16 outputs,
+// 16 rows] in float32, written to y transposed. The products of bfloat16 pairs are exact in float32 as in
+// the AVX-512 path; only the order of the float32 sums differs.
+constexpr int64_t AMX_ROWS = 16;
+
+struct TileConfig {
+  uint8_t palette_id = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+bool amx_ready() {  // Linux grants a process the tile state on request (5.16+); refused: the AVX-512 path
+  static const bool ok = [] {
+    constexpr int ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18;
+    return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+  }();
+  return ok;
+}
+
+void run_amx(ffi::ThreadPool* pool, const uint16_t* x, const std::vector<Seg>& segs, int64_t M, int64_t K,
+             int64_t wb) {
+  const int64_t mblocks = (M + 15) / 16, pairs = K / 2;
+  std::vector<uint16_t> xv(mblocks * pairs * 32, 0);  // [mblocks, K/2, 16, 2]
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t p = 0; p < pairs; ++p) {
+      uint16_t* d = xv.data() + ((m / 16 * pairs + p) * 16 + m % 16) * 2;
+      d[0] = x[m * K + 2 * p];
+      d[1] = x[m * K + 2 * p + 1];
+    }
+  // Items of 32 outputs (two A tiles) x every row, in pairs of 16-row blocks (two B tiles): four C tiles, so
+  // every tile load feeds two products. A segment's last 16 outputs may be an item alone.
+  std::vector<std::pair<size_t, int64_t>> items;  // (segment, first output)
+  for (size_t i = 0; i < segs.size(); ++i)
+    for (int64_t n0 = 0; n0 < segs[i].N; n0 += 32) items.emplace_back(i, n0);
+  const int64_t n_items = static_cast<int64_t>(items.size());
+  const int64_t threads = wb < SERIAL_BYTES || !pool ? 1 : std::max<int64_t>(1, pool->num_threads());
+  const int64_t parts = std::min(n_items, threads * 4);
+  parallel(threads > 1 ? pool : nullptr, parts, [&](int64_t part) {
+    TileConfig cfg;  // tile configuration is per thread
+    for (int t = 0; t < 8; ++t) cfg.rows[t] = 16, cfg.colsb[t] = 64;
+    _tile_loadconfig(&cfg);
+    alignas(64) float c[4][16 * 16];
+    for (int64_t it = n_items * part / parts; it < n_items * (part + 1) / parts; ++it) {
+      const Seg& g = segs[items[it].first];
+      const int64_t n0 = items[it].second;
+      const bool two_n = n0 + 16 < g.N;
+      const uint16_t* w0 = static_cast<const uint16_t*>(g.wt) + n0 * K;
+      const uint16_t* w1 = two_n ? w0 + 16 * K : w0;
+      for (int64_t mb = 0; mb < mblocks; mb += 2) {
+        const bool two_m = mb + 1 < mblocks;
+        const uint16_t* x0 = xv.data() + mb * pairs * 32;
+        const uint16_t* x1 = two_m ? x0 + pairs * 32 : x0;
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+        for (int64_t k = 0; k < K; k += 32) {
+          if (mb == 0)
+            for (int r = 0; r < 16; ++r) {
+              prefetch(w0 + r * K + k + PREFETCH_BYTES / 2);
+              prefetch(w1 + r * K + k + PREFETCH_BYTES / 2);
+            }
+          _tile_loadd(4, w0 + k, K * 2);
+          _tile_loadd(5, w1 + k, K * 2);
+          _tile_loadd(6, x0 + k * 16, 64);
+          _tile_loadd(7, x1 + k * 16, 64);
+          _tile_dpbf16ps(0, 4, 6);
+          _tile_dpbf16ps(1, 4, 7);
+          _tile_dpbf16ps(2, 5, 6);
+          _tile_dpbf16ps(3, 5, 7);
+        }
+        for (int t = 0; t < 4; ++t) {
+          switch (t) {  // the tile number of a store is an immediate
+            case 0: _tile_stored(0, c[0], 64); break;
+            case 1: _tile_stored(1, c[1], 64); break;
+            case 2: _tile_stored(2, c[2], 64); break;
+            default: _tile_stored(3, c[3], 64);
+          }
+        }
+        for (int t = 0; t < 4; ++t) {
+          const int64_t m_first = (mb + t % 2) * 16, o_first = n0 + 16 * (t / 2);
+          if ((t % 2 && !two_m) || (t / 2 && !two_n)) continue;
+          for (int64_t r = 0; r < 16 && m_first + r < M; ++r)
+            for (int64_t o = 0; o < 16; ++o) g.y[(m_first + r) * g.N + o_first + o] = c[t][o * 16 + r];
+        }
+      }
+    }
+    _tile_release();
+  });
+}
+#endif
+
 // Portable integer path: the same exact block sums as the vector code.
 template <typename WeightAt>
 float int_dot(const QuantX& xq, int64_t m, int64_t K, const WeightAt& w, int64_t j, const float* block_scale) {
@@ -410,6 +514,13 @@ static ffi::Error Gemv(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::RemainingArg
   if (wdt == ffi::DataType::F32 && xdt == ffi::DataType::F32 && K % 16 == 0) {
     run_float(&pool, static_cast<const float*>(x.untyped_data()), segs, M, K, wb);
   } else if (wdt == ffi::DataType::BF16 && xdt == ffi::DataType::BF16 && K % 32 == 0) {
+#ifdef LLAMA_JAX_AMX
+    const bool amx = M >= AMX_ROWS && std::all_of(segs.begin(), segs.end(), [](const Seg& g) { return g.N % 16 == 0; });
+    if (amx && amx_ready()) {
+      run_amx(&pool, static_cast<const uint16_t*>(x.untyped_data()), segs, M, K, wb);
+      return ffi::Error::Success();
+    }
+#endif
     run_float(&pool, static_cast<const uint16_t*>(x.untyped_data()), segs, M, K, wb);
   } else if (wdt == ffi::DataType::S8 && xdt == ffi::DataType::F32 && K % QB == 0 && (f32_scales || bf16_scales)) {
     const float* xp = static_cast<const float*>(x.untyped_data());
