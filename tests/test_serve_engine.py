@@ -425,12 +425,12 @@ def test_compile_only_local(capsys):
 
 
 @pytest.mark.parametrize("fmt,Ns", [("float32", (200, 64)), ("bfloat16", (200, 64)), ("bfloat16", (208, 48)),
-                                    ("int8", (200, 64)), ("int4", (200, 64))])
+                                    ("int8", (200, 64)), ("int8", (208, 48)), ("int4", (200, 64))])
 def test_cpu_gemv_kernels(fmt, Ns):
     """model/cpu_gemv.cc against numpy: float kernels on the same weights; integer kernels against the
     arithmetic they implement (activations quantized per block of 128 inputs, exact integer sums),
-    several products in one call, row counts across the 4-row tiles and the L2 chunking of x. bfloat16 with
-    outputs in multiples of 16 and 16 rows or more takes the AMX tiles where the CPU has them (208: an odd
+    several products in one call, row counts across the 4-row tiles and the L2 chunking of x. bfloat16 and int8
+    with outputs in multiples of 16 and 16 rows or more take the AMX tiles where the CPU has them (208: an odd
     number of 16-output blocks; 17 and 300 rows: a part-filled block of rows)."""
     from model.network import quant
     from model.network.backends import cpu_kernels

@@ -329,6 +329,10 @@ struct TileConfig {
   uint8_t rows[16] = {};
 };
 
+bool amx_rows(int64_t M, const std::vector<Seg>& segs) {  // the shapes the AMX paths take
+  return M >= AMX_ROWS && std::all_of(segs.begin(), segs.end(), [](const Seg& g) { return g.N % 16 == 0; });
+}
+
 bool amx_ready() {  // Linux grants a process the tile state on request (5.16+); refused: the AVX-512 path
   static const bool ok = [] {
     constexpr int ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18;
@@ -402,6 +406,93 @@ void run_amx(ffi::ThreadPool* pool, const uint16_t* x, const std::vector<Seg>& s
           if ((t % 2 && !two_m) || (t / 2 && !two_n)) continue;
           for (int64_t r = 0; r < 16 && m_first + r < M; ++r)
             for (int64_t o = 0; o < 16; ++o) g.y[(m_first + r) * g.N + o_first + o] = c[t][o * 16 + r];
+        }
+      }
+    }
+    _tile_release();
+  });
+}
+
+// int8 weights: the same items with TDPBSSD (signed int8 pairs of 4, exact int32 sums) over the activations
+// quantized per block of 128 inputs (QuantX, int8 order); each block's four C tiles are stored and added in
+// float32 with the rows' block scales, the weight's scale applied at the end, as the AVX-512 tiles do.
+template <typename S>
+void run_amx_int8(ffi::ThreadPool* pool, const QuantX& xq, const std::vector<Seg>& segs, int64_t M, int64_t K,
+                  int64_t wb) {
+  const int64_t mblocks = (M + 15) / 16, quads = K / 4, nb = K / QB;
+  std::vector<int8_t> xv(mblocks * quads * 64, 0);  // [mblocks, K/4, 16, 4]
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; ++k) xv[((m / 16 * quads + k / 4) * 16 + m % 16) * 4 + k % 4] = xq.q[m * K + k];
+  std::vector<std::pair<size_t, int64_t>> items;
+  for (size_t i = 0; i < segs.size(); ++i)
+    for (int64_t n0 = 0; n0 < segs[i].N; n0 += 32) items.emplace_back(i, n0);
+  const int64_t n_items = static_cast<int64_t>(items.size());
+  const int64_t threads = wb < SERIAL_BYTES || !pool ? 1 : std::max<int64_t>(1, pool->num_threads());
+  const int64_t parts = std::min(n_items, threads * 4);
+  parallel(threads > 1 ? pool : nullptr, parts, [&](int64_t part) {
+    TileConfig cfg;
+    for (int t = 0; t < 8; ++t) cfg.rows[t] = 16, cfg.colsb[t] = 64;
+    _tile_loadconfig(&cfg);
+    alignas(64) int32_t c[4][16 * 16];
+    alignas(64) float acc[4][16 * 16];
+    alignas(64) float sx[2][16];
+    for (int64_t it = n_items * part / parts; it < n_items * (part + 1) / parts; ++it) {
+      const Seg& g = segs[items[it].first];
+      const S* scale = static_cast<const S*>(g.scale);
+      const int64_t n0 = items[it].second;
+      const bool two_n = n0 + 16 < g.N;
+      const int8_t* w0 = static_cast<const int8_t*>(g.wt) + n0 * K;
+      const int8_t* w1 = two_n ? w0 + 16 * K : w0;
+      for (int64_t mb = 0; mb < mblocks; mb += 2) {
+        const bool two_m = mb + 1 < mblocks;
+        const int8_t* x0 = xv.data() + mb * quads * 64;
+        const int8_t* x1 = two_m ? x0 + quads * 64 : x0;
+        std::memset(acc, 0, sizeof(acc));
+        for (int64_t b = 0; b < nb; ++b) {
+          _tile_zero(0);
+          _tile_zero(1);
+          _tile_zero(2);
+          _tile_zero(3);
+          for (int64_t k = b * QB; k < (b + 1) * QB; k += 64) {
+            if (mb == 0)
+              for (int r = 0; r < 16; ++r) {
+                prefetch(w0 + r * K + k + PREFETCH_BYTES);
+                prefetch(w1 + r * K + k + PREFETCH_BYTES);
+              }
+            _tile_loadd(4, w0 + k, K);
+            _tile_loadd(5, w1 + k, K);
+            _tile_loadd(6, x0 + k * 16, 64);
+            _tile_loadd(7, x1 + k * 16, 64);
+            _tile_dpbssd(0, 4, 6);
+            _tile_dpbssd(1, 4, 7);
+            _tile_dpbssd(2, 5, 6);
+            _tile_dpbssd(3, 5, 7);
+          }
+          _tile_stored(0, c[0], 64);
+          _tile_stored(1, c[1], 64);
+          _tile_stored(2, c[2], 64);
+          _tile_stored(3, c[3], 64);
+          for (int h = 0; h < 2; ++h)
+            for (int r = 0; r < 16; ++r) {
+              const int64_t m = (mb + h) * 16 + r;
+              sx[h][r] = m < M ? xq.s[m * nb + b] : 0.0f;
+            }
+          for (int t = 0; t < 4; ++t) {
+            const __m512 s = _mm512_load_ps(sx[t % 2]);
+            for (int o = 0; o < 16; ++o) {
+              float* a = acc[t] + o * 16;
+              const __m512 v = _mm512_cvtepi32_ps(_mm512_load_si512(c[t] + o * 16));
+              _mm512_store_ps(a, _mm512_fmadd_ps(v, s, _mm512_load_ps(a)));
+            }
+          }
+        }
+        for (int t = 0; t < 4; ++t) {
+          const int64_t m_first = (mb + t % 2) * 16, o_first = n0 + 16 * (t / 2);
+          if ((t % 2 && !two_m) || (t / 2 && !two_n)) continue;
+          for (int64_t o = 0; o < 16; ++o) {
+            const float sw = scale_f32(scale[o_first + o]);
+            for (int64_t r = 0; r < 16 && m_first + r < M; ++r) g.y[(m_first + r) * g.N + o_first + o] = acc[t][o * 16 + r] * sw;
+          }
         }
       }
     }
@@ -515,8 +606,7 @@ static ffi::Error Gemv(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::RemainingArg
     run_float(&pool, static_cast<const float*>(x.untyped_data()), segs, M, K, wb);
   } else if (wdt == ffi::DataType::BF16 && xdt == ffi::DataType::BF16 && K % 32 == 0) {
 #ifdef LLAMA_JAX_AMX
-    const bool amx = M >= AMX_ROWS && std::all_of(segs.begin(), segs.end(), [](const Seg& g) { return g.N % 16 == 0; });
-    if (amx && amx_ready()) {
+    if (amx_rows(M, segs) && amx_ready()) {
       run_amx(&pool, static_cast<const uint16_t*>(x.untyped_data()), segs, M, K, wb);
       return ffi::Error::Success();
     }
@@ -524,6 +614,13 @@ static ffi::Error Gemv(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::RemainingArg
     run_float(&pool, static_cast<const uint16_t*>(x.untyped_data()), segs, M, K, wb);
   } else if (wdt == ffi::DataType::S8 && xdt == ffi::DataType::F32 && K % QB == 0 && (f32_scales || bf16_scales)) {
     const float* xp = static_cast<const float*>(x.untyped_data());
+#ifdef LLAMA_JAX_AMX
+    if (amx_rows(M, segs) && amx_ready()) {
+      const QuantX xq(xp, M, K, false);
+      f32_scales ? run_amx_int8<float>(&pool, xq, segs, M, K, wb) : run_amx_int8<uint16_t>(&pool, xq, segs, M, K, wb);
+      return ffi::Error::Success();
+    }
+#endif
     f32_scales ? run_int8<float>(&pool, xp, segs, M, K, wb) : run_int8<uint16_t>(&pool, xp, segs, M, K, wb);
   } else if (wdt == ffi::DataType::S4 && xdt == ffi::DataType::F32 && group > 0 && group % QB == 0 && K % group == 0 &&
              (f32_scales || bf16_scales)) {
