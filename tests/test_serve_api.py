@@ -344,10 +344,11 @@ def test_stalled_body_is_a_408(server):
 def test_request_deadline_ends_a_long_request(tmp_path):
     """server.request_timeout bounds a request from body to last byte: a generation that would take longer is
     ended with an error, and its slots are freed."""
-    args = ["server.request_timeout=2", "engine.max_len=512"]
+    # 8 x 2,000 tokens: several times the deadline even where the toy decodes 8 rows at ~2,000 tok/s
+    args = ["server.request_timeout=2", "engine.max_len=2048"]
     with serve_process(args, tmp_path / "server.log", dict(os.environ, JAX_PLATFORMS="cpu")) as (url, proc):
         t0 = time.time()
-        body = {"model": "toy", "prompt": "x", "max_tokens": 500, "n": 8, "logprobs": 5, "ignore_eos": True}
+        body = {"model": "toy", "prompt": "x", "max_tokens": 2000, "n": 8, "logprobs": 5, "ignore_eos": True}
         r = _post(url + "/v1/completions", body, key=None)
         elapsed = time.time() - t0
         assert r.status_code >= 400 and "deadline" in r.text, (r.status_code, r.text[:300])
