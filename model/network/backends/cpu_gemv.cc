@@ -341,18 +341,11 @@ bool amx_ready() {  // Linux grants a process the tile state on request (5.16+);
   return ok;
 }
 
-void run_amx(ffi::ThreadPool* pool, const uint16_t* x, const std::vector<Seg>& segs, int64_t M, int64_t K,
-             int64_t wb) {
-  const int64_t mblocks = (M + 15) / 16, pairs = K / 2;
-  std::vector<uint16_t> xv(mblocks * pairs * 32, 0);  // [mblocks, K/2, 16, 2]
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t p = 0; p < pairs; ++p) {
-      uint16_t* d = xv.data() + ((m / 16 * pairs + p) * 16 + m % 16) * 2;
-      d[0] = x[m * K + 2 * p];
-      d[1] = x[m * K + 2 * p + 1];
-    }
-  // Items of 32 outputs (two A tiles) x every row, in pairs of 16-row blocks (two B tiles): four C tiles, so
-  // every tile load feeds two products. A segment's last 16 outputs may be an item alone.
+// Items of 32 outputs (two A tiles) x every row, in pairs of 16-row blocks (two B tiles): four C tiles, so
+// every tile load feeds two products. A segment's last 16 outputs may be an item alone. item(g, n0) runs on
+// a thread whose tiles are configured: tmm0-3 C, tmm4-5 A, tmm6-7 B, all 16 rows x 64 bytes.
+template <typename F>
+void for_amx_items(ffi::ThreadPool* pool, const std::vector<Seg>& segs, int64_t wb, const F& item) {
   std::vector<std::pair<size_t, int64_t>> items;  // (segment, first output)
   for (size_t i = 0; i < segs.size(); ++i)
     for (int64_t n0 = 0; n0 < segs[i].N; n0 += 32) items.emplace_back(i, n0);
@@ -363,53 +356,73 @@ void run_amx(ffi::ThreadPool* pool, const uint16_t* x, const std::vector<Seg>& s
     TileConfig cfg;  // tile configuration is per thread
     for (int t = 0; t < 8; ++t) cfg.rows[t] = 16, cfg.colsb[t] = 64;
     _tile_loadconfig(&cfg);
-    alignas(64) float c[4][16 * 16];
-    for (int64_t it = n_items * part / parts; it < n_items * (part + 1) / parts; ++it) {
-      const Seg& g = segs[items[it].first];
-      const int64_t n0 = items[it].second;
-      const bool two_n = n0 + 16 < g.N;
-      const uint16_t* w0 = static_cast<const uint16_t*>(g.wt) + n0 * K;
-      const uint16_t* w1 = two_n ? w0 + 16 * K : w0;
-      for (int64_t mb = 0; mb < mblocks; mb += 2) {
-        const bool two_m = mb + 1 < mblocks;
-        const uint16_t* x0 = xv.data() + mb * pairs * 32;
-        const uint16_t* x1 = two_m ? x0 + pairs * 32 : x0;
-        _tile_zero(0);
-        _tile_zero(1);
-        _tile_zero(2);
-        _tile_zero(3);
-        for (int64_t k = 0; k < K; k += 32) {
-          if (mb == 0)
-            for (int r = 0; r < 16; ++r) {
-              prefetch(w0 + r * K + k + PREFETCH_BYTES / 2);
-              prefetch(w1 + r * K + k + PREFETCH_BYTES / 2);
-            }
-          _tile_loadd(4, w0 + k, K * 2);
-          _tile_loadd(5, w1 + k, K * 2);
-          _tile_loadd(6, x0 + k * 16, 64);
-          _tile_loadd(7, x1 + k * 16, 64);
-          _tile_dpbf16ps(0, 4, 6);
-          _tile_dpbf16ps(1, 4, 7);
-          _tile_dpbf16ps(2, 5, 6);
-          _tile_dpbf16ps(3, 5, 7);
-        }
-        for (int t = 0; t < 4; ++t) {
-          switch (t) {  // the tile number of a store is an immediate
-            case 0: _tile_stored(0, c[0], 64); break;
-            case 1: _tile_stored(1, c[1], 64); break;
-            case 2: _tile_stored(2, c[2], 64); break;
-            default: _tile_stored(3, c[3], 64);
-          }
-        }
-        for (int t = 0; t < 4; ++t) {
-          const int64_t m_first = (mb + t % 2) * 16, o_first = n0 + 16 * (t / 2);
-          if ((t % 2 && !two_m) || (t / 2 && !two_n)) continue;
-          for (int64_t r = 0; r < 16 && m_first + r < M; ++r)
-            for (int64_t o = 0; o < 16; ++o) g.y[(m_first + r) * g.N + o_first + o] = c[t][o * 16 + r];
-        }
-      }
-    }
+    for (int64_t it = n_items * part / parts; it < n_items * (part + 1) / parts; ++it)
+      item(segs[items[it].first], items[it].second);
     _tile_release();
+  });
+}
+
+inline void store_c(void* c) {  // tmm0-3 to c[4][256] (4-byte elements; a tile number is an immediate)
+  char* p = static_cast<char*>(c);
+  _tile_stored(0, p, 64);
+  _tile_stored(1, p + 1024, 64);
+  _tile_stored(2, p + 2048, 64);
+  _tile_stored(3, p + 3072, 64);
+}
+
+// y of the four [16 outputs, 16 rows] accumulators of rows from 16 * mb and outputs from n0 (tile t: rows
+// block t % 2, outputs block t / 2), times scale(output); rows past M and a missing output block skipped.
+template <typename Scale>
+void write_c(const Seg& g, const float (*c)[256], int64_t M, int64_t mb, int64_t n0, const Scale& scale) {
+  for (int t = 0; t < 4; ++t) {
+    const int64_t m_first = (mb + t % 2) * 16, o_first = n0 + 16 * (t / 2);
+    if (m_first >= M || o_first >= g.N) continue;
+    for (int64_t o = 0; o < 16; ++o) {
+      const float s = scale(o_first + o);
+      for (int64_t r = 0; r < 16 && m_first + r < M; ++r) g.y[(m_first + r) * g.N + o_first + o] = c[t][o * 16 + r] * s;
+    }
+  }
+}
+
+void run_amx(ffi::ThreadPool* pool, const uint16_t* x, const std::vector<Seg>& segs, int64_t M, int64_t K,
+             int64_t wb) {
+  const int64_t mblocks = (M + 15) / 16, pairs = K / 2;
+  std::vector<uint16_t> xv(mblocks * pairs * 32, 0);  // [mblocks, K/2, 16, 2]
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t p = 0; p < pairs; ++p) {
+      uint16_t* d = xv.data() + ((m / 16 * pairs + p) * 16 + m % 16) * 2;
+      d[0] = x[m * K + 2 * p];
+      d[1] = x[m * K + 2 * p + 1];
+    }
+  for_amx_items(pool, segs, wb, [&](const Seg& g, int64_t n0) {
+    alignas(64) float c[4][16 * 16];
+    const uint16_t* w0 = static_cast<const uint16_t*>(g.wt) + n0 * K;
+    const uint16_t* w1 = n0 + 16 < g.N ? w0 + 16 * K : w0;
+    for (int64_t mb = 0; mb < mblocks; mb += 2) {
+      const uint16_t* x0 = xv.data() + mb * pairs * 32;
+      const uint16_t* x1 = mb + 1 < mblocks ? x0 + pairs * 32 : x0;
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+      for (int64_t k = 0; k < K; k += 32) {
+        if (mb == 0)
+          for (int r = 0; r < 16; ++r) {
+            prefetch(w0 + r * K + k + PREFETCH_BYTES / 2);
+            prefetch(w1 + r * K + k + PREFETCH_BYTES / 2);
+          }
+        _tile_loadd(4, w0 + k, K * 2);
+        _tile_loadd(5, w1 + k, K * 2);
+        _tile_loadd(6, x0 + k * 16, 64);
+        _tile_loadd(7, x1 + k * 16, 64);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+      }
+      store_c(c);
+      write_c(g, c, M, mb, n0, [](int64_t) { return 1.0f; });
+    }
   });
 }
 
@@ -423,80 +436,54 @@ void run_amx_int8(ffi::ThreadPool* pool, const QuantX& xq, const std::vector<Seg
   std::vector<int8_t> xv(mblocks * quads * 64, 0);  // [mblocks, K/4, 16, 4]
   for (int64_t m = 0; m < M; ++m)
     for (int64_t k = 0; k < K; ++k) xv[((m / 16 * quads + k / 4) * 16 + m % 16) * 4 + k % 4] = xq.q[m * K + k];
-  std::vector<std::pair<size_t, int64_t>> items;
-  for (size_t i = 0; i < segs.size(); ++i)
-    for (int64_t n0 = 0; n0 < segs[i].N; n0 += 32) items.emplace_back(i, n0);
-  const int64_t n_items = static_cast<int64_t>(items.size());
-  const int64_t threads = wb < SERIAL_BYTES || !pool ? 1 : std::max<int64_t>(1, pool->num_threads());
-  const int64_t parts = std::min(n_items, threads * 4);
-  parallel(threads > 1 ? pool : nullptr, parts, [&](int64_t part) {
-    TileConfig cfg;
-    for (int t = 0; t < 8; ++t) cfg.rows[t] = 16, cfg.colsb[t] = 64;
-    _tile_loadconfig(&cfg);
+  for_amx_items(pool, segs, wb, [&](const Seg& g, int64_t n0) {
     alignas(64) int32_t c[4][16 * 16];
     alignas(64) float acc[4][16 * 16];
     alignas(64) float sx[2][16];
-    for (int64_t it = n_items * part / parts; it < n_items * (part + 1) / parts; ++it) {
-      const Seg& g = segs[items[it].first];
-      const S* scale = static_cast<const S*>(g.scale);
-      const int64_t n0 = items[it].second;
-      const bool two_n = n0 + 16 < g.N;
-      const int8_t* w0 = static_cast<const int8_t*>(g.wt) + n0 * K;
-      const int8_t* w1 = two_n ? w0 + 16 * K : w0;
-      for (int64_t mb = 0; mb < mblocks; mb += 2) {
-        const bool two_m = mb + 1 < mblocks;
-        const int8_t* x0 = xv.data() + mb * quads * 64;
-        const int8_t* x1 = two_m ? x0 + quads * 64 : x0;
-        std::memset(acc, 0, sizeof(acc));
-        for (int64_t b = 0; b < nb; ++b) {
-          _tile_zero(0);
-          _tile_zero(1);
-          _tile_zero(2);
-          _tile_zero(3);
-          for (int64_t k = b * QB; k < (b + 1) * QB; k += 64) {
-            if (mb == 0)
-              for (int r = 0; r < 16; ++r) {
-                prefetch(w0 + r * K + k + PREFETCH_BYTES);
-                prefetch(w1 + r * K + k + PREFETCH_BYTES);
-              }
-            _tile_loadd(4, w0 + k, K);
-            _tile_loadd(5, w1 + k, K);
-            _tile_loadd(6, x0 + k * 16, 64);
-            _tile_loadd(7, x1 + k * 16, 64);
-            _tile_dpbssd(0, 4, 6);
-            _tile_dpbssd(1, 4, 7);
-            _tile_dpbssd(2, 5, 6);
-            _tile_dpbssd(3, 5, 7);
-          }
-          _tile_stored(0, c[0], 64);
-          _tile_stored(1, c[1], 64);
-          _tile_stored(2, c[2], 64);
-          _tile_stored(3, c[3], 64);
-          for (int h = 0; h < 2; ++h)
+    const S* scale = static_cast<const S*>(g.scale);
+    const int8_t* w0 = static_cast<const int8_t*>(g.wt) + n0 * K;
+    const int8_t* w1 = n0 + 16 < g.N ? w0 + 16 * K : w0;
+    for (int64_t mb = 0; mb < mblocks; mb += 2) {
+      const int8_t* x0 = xv.data() + mb * quads * 64;
+      const int8_t* x1 = mb + 1 < mblocks ? x0 + quads * 64 : x0;
+      std::memset(acc, 0, sizeof(acc));
+      for (int64_t b = 0; b < nb; ++b) {
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+        for (int64_t k = b * QB; k < (b + 1) * QB; k += 64) {
+          if (mb == 0)
             for (int r = 0; r < 16; ++r) {
-              const int64_t m = (mb + h) * 16 + r;
-              sx[h][r] = m < M ? xq.s[m * nb + b] : 0.0f;
+              prefetch(w0 + r * K + k + PREFETCH_BYTES);
+              prefetch(w1 + r * K + k + PREFETCH_BYTES);
             }
-          for (int t = 0; t < 4; ++t) {
-            const __m512 s = _mm512_load_ps(sx[t % 2]);
-            for (int o = 0; o < 16; ++o) {
-              float* a = acc[t] + o * 16;
-              const __m512 v = _mm512_cvtepi32_ps(_mm512_load_si512(c[t] + o * 16));
-              _mm512_store_ps(a, _mm512_fmadd_ps(v, s, _mm512_load_ps(a)));
-            }
-          }
+          _tile_loadd(4, w0 + k, K);
+          _tile_loadd(5, w1 + k, K);
+          _tile_loadd(6, x0 + k * 16, 64);
+          _tile_loadd(7, x1 + k * 16, 64);
+          _tile_dpbssd(0, 4, 6);
+          _tile_dpbssd(1, 4, 7);
+          _tile_dpbssd(2, 5, 6);
+          _tile_dpbssd(3, 5, 7);
         }
+        store_c(c);
+        for (int h = 0; h < 2; ++h)
+          for (int r = 0; r < 16; ++r) {
+            const int64_t m = (mb + h) * 16 + r;
+            sx[h][r] = m < M ? xq.s[m * nb + b] : 0.0f;
+          }
         for (int t = 0; t < 4; ++t) {
-          const int64_t m_first = (mb + t % 2) * 16, o_first = n0 + 16 * (t / 2);
-          if ((t % 2 && !two_m) || (t / 2 && !two_n)) continue;
-          for (int64_t o = 0; o < 16; ++o) {
-            const float sw = scale_f32(scale[o_first + o]);
-            for (int64_t r = 0; r < 16 && m_first + r < M; ++r) g.y[(m_first + r) * g.N + o_first + o] = acc[t][o * 16 + r] * sw;
+          const __m512 s = _mm512_load_ps(sx[t % 2]);
+          for (int o = 0; o < 16; ++o) {
+            float* a = acc[t] + o * 16;
+            const __m512 v = _mm512_cvtepi32_ps(_mm512_load_si512(c[t] + o * 16));
+            _mm512_store_ps(a, _mm512_fmadd_ps(v, s, _mm512_load_ps(a)));
           }
         }
       }
+      write_c(g, acc, M, mb, n0, [&](int64_t o) { return scale_f32(scale[o]); });
     }
-    _tile_release();
   });
 }
 #endif
