@@ -35,7 +35,8 @@ class ModelSpec(resolve.ModelSpec):
 class EngineConfig:
     max_slots: int = 8  # requests running together (sequences in one step)
     max_len: int = 2048  # the longest request: prompt + completion tokens
-    prefill_chunk: int = 256  # prompt tokens of one request per step (longer prompts take several)
+    prefill_chunk: int = 256  # prompt tokens of one request per step (longer prompts take several), grown to
+    # fill the step's bucket (serve/scheduler.py): smaller bounds decoding requests' wait behind a long prompt
     prefill_tokens: int = 512  # token budget of one step: every running request's next token plus prompt chunks
     kv_dtype: str = "auto"  # auto (the compute dtype) | bfloat16 | float32 | float16 | int8
     block_size: int = 16  # tokens per block of the KV pool

@@ -5,8 +5,10 @@ serve/blocks.py). Submitted requests go through a thread-safe inbox to a waiting
 token budget (`prefill_tokens`): first the next token of every running request that is decoding, then
 chunks (<= prefill_chunk tokens each) of the prompts being prefilled, then new requests from the queue, in
 order, while there is budget, room (`max_slots` running) and free blocks for the whole prompt (cached
-prefix blocks are taken, not recomputed). So decoding never stalls behind a long prompt, and a prompt
-never waits for decoding to end. A decoding request that needs a block when none is free preempts the
+prefix blocks are taken, not recomputed). The step's tokens are then padded to their bucket, so the
+prompt chunks grow to fill it: padding costs as much as a token. So decoding never stalls behind a long
+prompt (a step's cost is bounded by the bucket of decoders + prefill_chunk), and a prompt never waits
+for decoding to end. A decoding request that needs a block when none is free preempts the
 newest running request: its blocks go back to the pool and it waits at the head of the queue; when it
 runs again its tokens so far (prompt and generated) are recomputed, and it goes on exactly where it was.
 When nothing waits and every running request is decoding, one call runs `decode_steps` tokens each.
@@ -244,6 +246,12 @@ class Scheduler:
                 take(r)
         while budget > 0 and self.waiting and len(self.running) < cfg.max_slots and self._admit(self.waiting[0]):
             take(self.waiting.popleft())
+        if chunks:  # the step computes its whole bucket of tokens: prompt tokens instead of padding
+            room = bucket(len(decoders) + sum(counts), 16, cfg.prefill_tokens) - len(decoders) - sum(counts)
+            for i, r in enumerate(chunks):
+                extra = min(room, r.total - r.computed - counts[i])
+                counts[i] += extra
+                room -= extra
         steps = 1
         if decoders and not chunks and not self.waiting and decode_steps > 1:
             steps = decode_steps
