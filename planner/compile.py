@@ -11,6 +11,7 @@ import jax
 
 from planner.estimate import GiB
 from planner.job import Job, PlanError, Programs, model_config
+from sharding import aot_compile
 from sharding.rules import SERVE_RULES
 
 _REFUSAL = re.compile(r"RESOURCE_EXHAUSTED.*?required for [^(]*\(([\d.]+)G\) exceeds available HBM \(([\d.]+)G\)",
@@ -70,13 +71,13 @@ def compile_job(job: Job, mesh, programs: Programs) -> dict:
     lowered = lower_job(job, mesh, programs)
     t1 = time.perf_counter()
     try:
-        compiled = lowered.compile()
+        compiled = aot_compile.compile(lowered, mesh.devices)
     except Exception as e:  # the TPU compiler refuses a program that does not fit its HBM
         refused = _refused(e, {"lower_seconds": round(t1 - t0, 1),
                                "compile_seconds": round(time.perf_counter() - t1, 1)})
         if refused is None:
             raise
         return refused
-    t2 = time.perf_counter()
+    seconds = getattr(compiled, "compile_seconds", round(time.perf_counter() - t1, 1))  # a cached compile's own
     return {**compiled_numbers(compiled, mesh.devices.flat[0].platform), "lower_seconds": round(t1 - t0, 1),
-            "compile_seconds": round(t2 - t1, 1)}
+            "compile_seconds": seconds}

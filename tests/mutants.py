@@ -121,6 +121,15 @@ MUTANTS = [
     Mutant("swiglu_backward_drops_a_term", "model/network/llama.py",
            "d_gate = dh * u * sig * (1 + g * (1 - sig))", "d_gate = dh * u * sig",
            ("tests/test_train_speed_paths.py::test_swiglu_backward_equals_autodiff",)),
+    Mutant("aot_cache_key_ignores_the_chips", "sharding/aot_compile.py",  # a v5e plan would read a v6e compile
+           "devs[0].platform, devs[0].device_kind, repr(chips)", "devs[0].platform",
+           ("tests/test_aot_compile.py",)),
+    Mutant("aot_cache_never_read", "sharding/aot_compile.py",
+           "if path.exists() and (rec := _load(path)) is not None:", "if False and (rec := _load(path)) is not None:",
+           ("tests/test_aot_compile.py",)),
+    Mutant("step_padding_not_filled", "serve/scheduler.py",
+           "                extra = min(room, r.total - r.computed - counts[i])", "                extra = 0",
+           ("tests/test_serve_paged.py::test_decoding_goes_on_during_a_long_prompt",)),
 ]
 
 

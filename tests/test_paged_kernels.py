@@ -22,7 +22,7 @@ from model.job import resolve
 from model.network import attention, paged_attention
 from model.network.backends import cpu_kernels, tpu_paged
 from serve.compile_check import lower_step
-from sharding import topology
+from sharding import aot_compile, topology
 from sharding.mesh import make_mesh
 
 needs_kernels = pytest.mark.skipif(not cpu_kernels.available(), reason="no C++ compiler for the CPU kernels")
@@ -209,7 +209,7 @@ def decode_405b_v6e():
                                 num_layers=1)
     lowered = lower_step(mcfg, make_mesh("tensor=8", devices), tokens=16, seqs=16, max_len=512, kv_tokens=16 * 512,
                          kv_dtype="auto")
-    return lowered.compile().as_text()
+    return aot_compile.compile(lowered, devices).as_text()
 
 
 def test_405b_width_decode_step_runs_the_pallas_kernel_and_keeps_int4_weights_packed(decode_405b_v6e):

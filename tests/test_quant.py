@@ -13,6 +13,7 @@ from model import LlamaConfig, abstract_model, state_shardings
 from model.network import model as model_weights
 from model.network import quant
 from model.network.quant import QuantConfig
+from sharding import aot_compile
 from sharding.mesh import make_mesh
 
 # Quality thresholds for the random-weight toy model (fp32, tests/hf_reference.py weights), measured
@@ -222,7 +223,8 @@ def _compiled_dense(qc, I, O, tokens, mesh=None):
         with use_mesh(mesh):
             return quant.matmul(x, q, s, qc, (I,), (O,), jnp.bfloat16)
 
-    return jax.jit(f).lower(x, q, s).compile().memory_analysis()
+    lowered = jax.jit(f).lower(x, q, s)
+    return (lowered.compile() if mesh is None else aot_compile.compile(lowered, mesh.devices)).memory_analysis()
 
 
 @pytest.mark.parametrize("qc", [QuantConfig(bits=8, chunk_bytes=4 << 20), QuantConfig(bits=4, chunk_bytes=4 << 20)],
