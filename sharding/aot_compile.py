@@ -84,9 +84,10 @@ def key(lowered: jax.stages.Lowered, devices) -> str:
     versions and the flags that change what it does."""
     devs = list(getattr(devices, "flat", devices))
     chips = [(d.id, getattr(d, "coords", None), getattr(d, "core_on_chip", None)) for d in devs]
+    xla_flags = " ".join(sorted(set(os.environ.get("XLA_FLAGS", "").split())))  # a flag given twice is one
     h = hashlib.sha256()
     for part in (lowered.as_text(), devs[0].platform, devs[0].device_kind, repr(chips), _versions(),
-                 os.environ.get("LIBTPU_INIT_ARGS", ""), os.environ.get("XLA_FLAGS", "")):
+                 os.environ.get("LIBTPU_INIT_ARGS", ""), xla_flags):
         h.update(part.encode())
         h.update(b"\0")
     return h.hexdigest()

@@ -63,6 +63,25 @@ SERIAL = ("tests/test_multihost.py::", "tests/test_multihost_convert.py::", "tes
           "tests/test_serve_api.py::test_request_deadline_ends_a_long_request")
 
 
+# The files that run alone, then the slowest (about 20-40 s each here), first: pytest-xdist's loadfile hands
+# out files by their number of tests unless told to keep the collection order, and a slow file of few tests
+# handed out last kept one worker busy for a minute after the other had finished.
+SLOW_FIRST = ("tests/test_preemption.py", "tests/test_train_multihost.py", "tests/test_multihost.py",
+              "tests/test_multihost_convert.py", "tests/test_first_run.py", "tests/test_gcs.py", "tests/test_train.py",
+              "tests/test_serve_api.py", "tests/test_serve_lora.py", "tests/test_serve_engine.py",
+              "tests/test_lm_eval.py", "tests/test_paged_kernels.py", "tests/test_serve_paged.py", "tests/test_convert.py")
+
+
+def pytest_configure(config):
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False  # xdist: hand out the files in the order below
+
+
+def pytest_collection_modifyitems(items):
+    rank = {f: i for i, f in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(SLOW_FIRST)))  # stable: the rest as before
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item, nextitem):
     """A writer-preferring readers-writer lock over the xdist workers (a no-op without xdist), held from a
