@@ -18,8 +18,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _env(devices: int, **extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_") and k != "XLA_FLAGS"}
+def _env(devices: int, cache: bool = False, **extra) -> dict:
+    """The test session's persistent compilation cache only for one process: in a two-process job only
+    process 0 reads it, and the other, compiling alone, could reach the first collective after gloo's 30 s."""
+    keep = ("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE") if cache else ()
+    env = {k: v for k, v in os.environ.items() if (not k.startswith("JAX_") or k.startswith(keep)) and k != "XLA_FLAGS"}
     env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
                PYTHONPATH=str(ROOT), **extra)
     return env
@@ -31,7 +34,7 @@ def _losses(out: Path) -> list[float]:
 
 def test_two_processes_match_one(tmp_path):
     one = tmp_path / "one"
-    subprocess.run([sys.executable, "-m", "train", *ARGS, f"output_dir={one}"], cwd=ROOT, env=_env(8),
+    subprocess.run([sys.executable, "-m", "train", *ARGS, f"output_dir={one}"], cwd=ROOT, env=_env(8, cache=True),
                    check=True, capture_output=True, timeout=600)
     two = tmp_path / "two"
     port = _free_port()
