@@ -20,7 +20,7 @@ import orbax.checkpoint as ocp
 from train import checkpoints
 
 ROOT = Path(__file__).resolve().parent.parent
-STEPS = 16
+STEPS = 12
 ARGS = ["data.seq_len=64", "data.batch_size=8", "data.eval=", "log_every=1", "checkpoint.every=100",
         "optimizer.warmup_steps=1", f"steps={STEPS}", "mesh=fsdp=2", "lora.dropout=0.1"]
 
