@@ -19,6 +19,9 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", XLA_CACHE)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")  # CPU compiles are short: cache all
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(2 << 30))  # least recently used entries go first
+# No source locations in lowered programs: a Pallas kernel's serialized body carries its file's path, so two
+# checkouts (CI's fresh clone) would not share sharding/aot_compile.py's entries for the TPU programs.
+os.environ.setdefault("JAX_TRACEBACK_IN_LOCATIONS_LIMIT", "0")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
