@@ -1,0 +1,194 @@
+"""Issue 12's concurrency targets through the HTTP API: `python -m serve` on the bench-shape checkpoint
+(written by transformers, as bench/serve.py writes it), driven by the official openai client with streamed
+completions of token-id prompts.
+
+    python bench/serve_http.py [--weights bf16|int8|int4] [--prefill-chunk 32] [--dir CKPT]
+
+Measured, one JSON line each, after a warm-up pass that compiles every step shape:
+  - batch-1 decode tokens/s (128-token prompt, 128 new tokens, after the first);
+  - steady decode tokens/s with 16 and with 64 streams all decoding (chunks arriving in an 8 s window);
+  - while 15 streams decode, a 1,024-token prompt arrives: the 15's longest gap between chunks ÷ their
+    normal interval, and the prompt's time to first token ÷ that of another 1,024-token prompt alone.
+Tokens are counted by the sampled token's log-prob that each chunk carries (`logprobs=0`: one entry per
+token, whatever its text; the usage at the end of the batch-1 stream checks the count). The engine is
+configured as bench/serve.py's (64 slots, max_len 2048, block 16, prefill_tokens = max(2 x prefill_chunk,
+128)) and compiles every decode bucket before serving (`engine.warmup`), with the byte tokenizer (token-id prompts; the model's ids past 511 stream as empty text).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import openai
+
+ROOT = Path(__file__).resolve().parent.parent
+
+QUANT = {"bf16": None, "int8": "int8", "int4": "int4"}
+
+
+def emit(**kw):
+    print(json.dumps(kw), flush=True)
+
+
+def start_server(ckpt: Path, weights: str, chunk: int) -> tuple[subprocess.Popen, int]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "serve", f"server.port={port}", f"model.checkpoint={ckpt}", "model.name=bench",
+           "model.dtype=bfloat16", "model.tokenizer=bytes", "engine.max_slots=64", "engine.max_len=2048",
+           f"engine.prefill_chunk={chunk}", f"engine.prefill_tokens={max(2 * chunk, 128)}", "engine.block_size=16",
+           "engine.warmup=true"]  # every decode bucket compiled first: none compiles inside a measured window
+    if QUANT[weights]:
+        cmd.append(f"model.quant={QUANT[weights]}")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return proc, port
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    raise SystemExit(f"server did not start: {' '.join(cmd)}")
+
+
+class Streams:
+    """Streamed completions; the arrival time of every chunk per stream."""
+
+    def __init__(self, client: openai.AsyncOpenAI):
+        self.client, self.stamps, self.tasks, self.usage = client, {}, [], {}
+
+    def start(self, key, prompt: list[int], max_tokens: int):
+        self.stamps[key] = []
+        self.tasks.append(asyncio.create_task(self._run(key, prompt, max_tokens)))
+
+    async def _run(self, key, prompt, max_tokens):
+        stream = await self.client.completions.create(
+            model="bench", prompt=prompt, max_tokens=max_tokens, temperature=0.0, stream=True, logprobs=0,
+            stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+        async for chunk in stream:
+            if chunk.choices and chunk.choices[0].logprobs:
+                now = time.perf_counter()
+                self.stamps[key] += [now] * len(chunk.choices[0].logprobs.tokens or [])
+            if chunk.usage:
+                self.usage[key] = chunk.usage.completion_tokens
+
+    async def until(self, cond, timeout: float = 300):
+        t = time.perf_counter()
+        while not cond():
+            if time.perf_counter() - t > timeout:
+                raise TimeoutError("streams did not get there")
+            await asyncio.sleep(0.005)
+
+    async def stop(self):
+        for t in self.tasks:
+            t.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await asyncio.sleep(0.5)  # the server cancels the closed streams' requests
+
+
+def prompts(rng, n: int, length: int) -> list[list[int]]:
+    return [[int(t) for t in rng.integers(1000, 30000, length)] for _ in range(n)]
+
+
+async def batch1(client, rng) -> float:
+    s = Streams(client)
+    s.start(0, prompts(rng, 1, 128)[0], 128)
+    await asyncio.gather(*s.tasks)
+    t = s.stamps[0]
+    assert s.usage[0] == len(t) == 128, (s.usage, len(t))  # every token counted
+    return (len(t) - 1) / (t[-1] - t[0])
+
+
+async def steady(client, rng, n: int, window: float) -> float:
+    s = Streams(client)
+    for i, p in enumerate(prompts(rng, n, 32)):
+        s.start(i, p, 1500)
+    await s.until(lambda: all(s.stamps[i] for i in range(n)))
+    t0 = time.perf_counter()
+    await asyncio.sleep(window)
+    t1 = time.perf_counter()
+    count = sum(sum(1 for x in st if t0 <= x < t1) for st in s.stamps.values())
+    await s.stop()
+    return count / (t1 - t0)
+
+
+async def interruption(client, rng) -> dict:
+    s = Streams(client)
+    for i, p in enumerate(prompts(rng, 15, 32)):
+        s.start(i, p, 1500)
+    await s.until(lambda: all(len(s.stamps[i]) >= 9 for i in range(15)))
+    normal = float(np.median([(s.stamps[i][-1] - s.stamps[i][-9]) / 8 for i in range(15)]))
+    t_long = time.perf_counter()
+    s.start(-1, prompts(rng, 1, 1024)[0], 1)
+    await s.until(lambda: bool(s.stamps[-1]))
+    gaps = [max(np.diff([t_long] + [t for t in s.stamps[i] if t >= t_long] + [s.stamps[-1][0]])) for i in range(15)]
+    await s.stop()
+    alone = Streams(client)
+    t = time.perf_counter()
+    alone.start(0, prompts(rng, 1, 1024)[0], 1)
+    await asyncio.gather(*alone.tasks)
+    prefill_alone = alone.stamps[0][0] - t
+    return {"normal_interval_s": normal, "worst_gap_s": float(max(gaps)), "delay_factor": float(max(gaps)) / normal,
+            "long_ttft_s": s.stamps[-1][0] - t_long, "prefill_alone_s": prefill_alone,
+            "long_ttft_vs_prefill_alone": (s.stamps[-1][0] - t_long) / prefill_alone}
+
+
+async def measure(port: int, window: float) -> dict:
+    client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0,
+                                http_client=httpx.AsyncClient(limits=httpx.Limits(max_connections=200), timeout=600))
+    rng = np.random.default_rng(5)
+    await batch1(client, rng), await steady(client, rng, 16, 1), await steady(client, rng, 64, 1)  # compiles
+    await interruption(client, rng)
+    out = {"batch1_decode_tokens_per_s": await batch1(client, rng)}
+    out["steady_decode_16_tokens_per_s"] = await steady(client, rng, 16, window)
+    out["steady_decode_64_tokens_per_s"] = await steady(client, rng, 64, window)
+    out.update(await interruption(client, rng))
+    out["steady_16_vs_batch1"] = out["steady_decode_16_tokens_per_s"] / out["batch1_decode_tokens_per_s"]
+    out["steady_64_vs_16"] = out["steady_decode_64_tokens_per_s"] / out["steady_decode_16_tokens_per_s"]
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--weights", nargs="*", default=["bf16"], choices=sorted(QUANT))
+    p.add_argument("--prefill-chunk", type=int, default=32)
+    p.add_argument("--window", type=float, default=8.0, help="seconds over which steady decode is counted")
+    p.add_argument("--dir", default=None, help="the bench checkpoint (written there if missing)")
+    args = p.parse_args(argv)
+    tmp = tempfile.TemporaryDirectory() if args.dir is None else None
+    ckpt = Path(args.dir or tmp.name)
+    if not (ckpt / "config.json").exists():
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("bench_serve", ROOT / "bench" / "serve.py")
+        bench_serve = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(bench_serve)
+        bench_serve.make_checkpoint(ckpt)
+    emit(what="machine", cpus=os.cpu_count(), load_avg=os.getloadavg())
+    for w in args.weights:
+        proc, port = start_server(ckpt, w, args.prefill_chunk)
+        try:
+            emit(what="http", weights=w, prefill_chunk=args.prefill_chunk, **asyncio.run(measure(port, args.window)),
+                 load_avg=os.getloadavg())
+        finally:
+            proc.terminate()
+            proc.wait(timeout=60)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
