@@ -12,7 +12,9 @@ Measured, one JSON line each, after a warm-up pass that compiles every step shap
 Tokens are counted by the sampled token's log-prob that each chunk carries (`logprobs=0`: one entry per
 token, whatever its text; the usage at the end of the batch-1 stream checks the count). The engine is
 configured as bench/serve.py's (64 slots, max_len 2048, block 16, prefill_tokens = max(2 x prefill_chunk,
-128)) and compiles every decode bucket before serving (`engine.warmup`), with the byte tokenizer (token-id prompts; the model's ids past 511 stream as empty text).
+128)) and compiles every decode bucket before serving (`engine.warmup`: without it, sequences growing into
+a longer page bucket compiled inside the measured windows), with the byte tokenizer (token-id prompts; the
+model's ids past 511 stream as empty text).
 """
 
 from __future__ import annotations
