@@ -19,8 +19,9 @@ def _free_port() -> int:
 
 
 def _env(devices: int, cache: bool = False, **extra) -> dict:
-    """The test session's persistent compilation cache only for one process: in a two-process job only
-    process 0 reads it, and the other, compiling alone, could reach the first collective after gloo's 30 s."""
+    """The test session's persistent compilation cache only for one process: in a two-process job process 0
+    found its programs there and process 1 none, so it compiled alone and could reach the first collective
+    after gloo's 30 s."""
     keep = ("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE") if cache else ()
     env = {k: v for k, v in os.environ.items() if (not k.startswith("JAX_") or k.startswith(keep)) and k != "XLA_FLAGS"}
     env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
