@@ -136,5 +136,8 @@ def compile(lowered: jax.stages.Lowered, devices):
         return rec
     t = time.perf_counter()
     rec = _record(lowered.compile(), time.perf_counter() - t)
-    _store(path, rec)
+    try:
+        _store(path, rec)
+    except OSError as e:  # a read-only or full cache directory costs the next run a compile, nothing more
+        log.warning("could not keep the compile in the AOT cache %s (%s)", where, e)
     return rec
