@@ -38,8 +38,7 @@ def compiled_numbers(compiled, platform: str = "tpu") -> dict:
     peak is not a peak (the same few hundred KiB whatever the program), so on CPU the total is
     arguments + outputs - aliased + temporaries."""
     ma = compiled.memory_analysis()
-    cost = compiled.cost_analysis()
-    cost = (cost[0] if isinstance(cost, (list, tuple)) and cost else cost) or {}
+    cost = aot_compile.cost(compiled)
     arg, out, alias, temp = (ma.argument_size_in_bytes, ma.output_size_in_bytes, ma.alias_size_in_bytes,
                              ma.temp_size_in_bytes)
     peak = (getattr(ma, "peak_memory_in_bytes", 0) or 0) if platform != "cpu" else 0

@@ -146,8 +146,7 @@ def _compile_steps(cfg, mcfg, mesh, kvd: str, result: dict, out) -> int | None:
             return 2
         mem = _memory(compiled)
         mem["compile_seconds"] = getattr(compiled, "compile_seconds", round(time.perf_counter() - t0, 1))
-        cost = compiled.cost_analysis()
-        cost = (cost[0] if isinstance(cost, (list, tuple)) and cost else cost) or {}
+        cost = aot_compile.cost(compiled)
         mem["flops"] = float(cost.get("flops", 0.0))
         mem["bytes_accessed"] = float(cost.get("bytes accessed", 0.0))
         if "optimal_seconds" in cost:

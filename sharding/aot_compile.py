@@ -98,12 +98,16 @@ def _compile_only(devices) -> bool:
     return devs[0].platform == "tpu" and jax.default_backend() != "tpu"
 
 
+def cost(compiled) -> dict:
+    """A compiled program's cost analysis as one dict (some backends give a list of one)."""
+    c = compiled.cost_analysis()
+    return (c[0] if isinstance(c, (list, tuple)) and c else c) or {}
+
+
 def _record(compiled, seconds: float) -> Recorded:
     ma = compiled.memory_analysis()
-    cost = compiled.cost_analysis()
-    cost = (cost[0] if isinstance(cost, (list, tuple)) and cost else cost) or {}
     memory = Memory(**{f: int(getattr(ma, f, 0) or 0) for f in MEMORY_FIELDS})
-    return Recorded(memory, {k: float(v) for k, v in cost.items()}, compiled.as_text(), round(seconds, 1))
+    return Recorded(memory, {k: float(v) for k, v in cost(compiled).items()}, compiled.as_text(), round(seconds, 1))
 
 
 def _load(path: Path) -> Recorded | None:
