@@ -312,6 +312,102 @@ void run_float(ffi::ThreadPool* pool, const T* x, const std::vector<Seg>& segs, 
   });
 }
 
+#ifdef LLAMA_JAX_AVX512
+// ---------------------------------------------------------------------------------------------------
+// Many rows of x (a decode step of 16 requests or more, a prompt chunk) against bfloat16 weights: the
+// 4-row tiles above are arithmetic-bound there at about half the CPU's pair-dot-product rate (every output
+// ends in a horizontal sum, and a weight vector feeds only 4 rows). Here x is packed once per call in pairs
+// of inputs, [K/2, 16 rows, 2] per block of 16 rows (zero-padded), and each weight pair is broadcast to 16
+// rows at once: acc[output][16 rows] += w(output, pair) . x(16 rows, pair), no horizontal sums. 12 outputs x
+// 16 rows or 8 outputs x 32 rows stay in registers. The AMX path takes the same packed x.
+constexpr int64_t PAIR_ROWS = 16;
+
+std::vector<uint16_t> pack_pairs(const uint16_t* x, int64_t M, int64_t K) {
+  const int64_t pairs = K / 2;
+  std::vector<uint16_t> xv((M + 15) / 16 * pairs * 32, 0);  // [mblocks, K/2, 16, 2]
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t p = 0; p < pairs; ++p) {
+      uint16_t* d = xv.data() + ((m / 16 * pairs + p) * 16 + m % 16) * 2;
+      d[0] = x[m * K + 2 * p];
+      d[1] = x[m * K + 2 * p + 1];
+    }
+  return xv;
+}
+
+// Items of `width` outputs of one segment (its last item may be narrower), split into parts for the threads.
+// part(run_all) is called once per part, on the thread that runs it; run_all(item) calls item(seg, n0, n1)
+// for each of the part's items.
+template <typename F>
+void for_items(ffi::ThreadPool* pool, const std::vector<Seg>& segs, int64_t wb, int64_t width, const F& part) {
+  std::vector<std::pair<size_t, int64_t>> items;  // (segment, first output)
+  for (size_t i = 0; i < segs.size(); ++i)
+    for (int64_t n0 = 0; n0 < segs[i].N; n0 += width) items.emplace_back(i, n0);
+  const int64_t n_items = static_cast<int64_t>(items.size());
+  const int64_t threads = wb < SERIAL_BYTES || !pool ? 1 : std::max<int64_t>(1, pool->num_threads());
+  const int64_t parts = std::min(n_items, threads * 4);
+  parallel(threads > 1 ? pool : nullptr, parts, [&](int64_t p) {
+    part([&](const auto& item) {
+      for (int64_t it = n_items * p / parts; it < n_items * (p + 1) / parts; ++it) {
+        const Seg& g = segs[items[it].first];
+        item(g, items[it].second, std::min(g.N, items[it].second + width));
+      }
+    });
+  });
+}
+
+// Outputs [n0, n0 + NR) x rows of the 16-row blocks [mb0, mb0 + MB); the weights are prefetched on the first
+// pass over them (later row blocks find them in cache). Not inlined: in its caller the compiler ran out of
+// general registers for the NR row pointers and reloaded them for every pair (1.5x slower, measured).
+template <int NR, int MB>
+__attribute__((noinline)) void tile_pairs(const uint16_t* xv, const Seg& g, int64_t M, int64_t K, int64_t mb0,
+                                          int64_t n0, bool first) {
+  const int64_t pairs = K / 2;
+  const uint32_t* x = reinterpret_cast<const uint32_t*>(xv) + mb0 * pairs * 16;
+  const uint32_t* w[NR];
+  for (int j = 0; j < NR; ++j) w[j] = reinterpret_cast<const uint32_t*>(static_cast<const uint16_t*>(g.wt) + (n0 + j) * K);
+  __m512 acc[NR][MB];
+  for (int j = 0; j < NR; ++j)
+    for (int b = 0; b < MB; ++b) acc[j][b] = _mm512_setzero_ps();
+  for (int64_t p0 = 0; p0 < pairs; p0 += 16) {  // 16 pairs: one 64-byte line of each weight row
+    if (first)
+      for (int j = 0; j < NR; ++j) prefetch(w[j] + p0);
+    for (int64_t p = p0; p < p0 + 16; ++p) {
+      __m512bh xb[MB];
+      for (int b = 0; b < MB; ++b) xb[b] = (__m512bh)_mm512_loadu_si512(x + (b * pairs + p) * 16);
+      for (int j = 0; j < NR; ++j) {
+        const __m512bh wj = (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(w[j][p]));
+        for (int b = 0; b < MB; ++b) acc[j][b] = _mm512_dpbf16_ps(acc[j][b], wj, xb[b]);
+      }
+    }
+  }
+  alignas(64) float t[16];
+  for (int j = 0; j < NR; ++j)
+    for (int b = 0; b < MB; ++b) {
+      _mm512_store_ps(t, acc[j][b]);
+      for (int64_t r = 0, m = (mb0 + b) * 16; r < 16 && m < M; ++r, ++m) g.y[m * g.N + n0 + j] = t[r];
+    }
+}
+
+void run_pairs(ffi::ThreadPool* pool, const uint16_t* x, const std::vector<Seg>& segs, int64_t M, int64_t K,
+               int64_t wb) {
+  const int64_t mblocks = (M + 15) / 16;
+  const std::vector<uint16_t> xv = pack_pairs(x, M, K);
+  for_items(pool, segs, wb, 24, [&](const auto& run_all) {
+    run_all([&](const Seg& g, int64_t n0, int64_t n1) {
+      for (int64_t mb = 0; mb < mblocks; mb += mblocks - mb >= 2 ? 2 : 1) {
+        const bool two = mblocks - mb >= 2;
+        for (int64_t n = n0; n < n1;) {  // N % 4 == 0: the tail is whole tiles of 4
+          if (two && n1 - n >= 8) tile_pairs<8, 2>(xv.data(), g, M, K, mb, n, mb == 0), n += 8;
+          else if (two) tile_pairs<4, 2>(xv.data(), g, M, K, mb, n, mb == 0), n += 4;
+          else if (n1 - n >= 12) tile_pairs<12, 1>(xv.data(), g, M, K, mb, n, mb == 0), n += 12;
+          else tile_pairs<4, 1>(xv.data(), g, M, K, mb, n, mb == 0), n += 4;
+        }
+      }
+    });
+  });
+}
+#endif
+
 #ifdef LLAMA_JAX_AMX
 // ---------------------------------------------------------------------------------------------------
 // AMX (Intel Sapphire Rapids and later), bfloat16 weights with AMX_ROWS or more rows of x: many rows are
@@ -346,18 +442,11 @@ bool amx_ready() {  // Linux grants a process the tile state on request (5.16+);
 // a thread whose tiles are configured: tmm0-3 C, tmm4-5 A, tmm6-7 B, all 16 rows x 64 bytes.
 template <typename F>
 void for_amx_items(ffi::ThreadPool* pool, const std::vector<Seg>& segs, int64_t wb, const F& item) {
-  std::vector<std::pair<size_t, int64_t>> items;  // (segment, first output)
-  for (size_t i = 0; i < segs.size(); ++i)
-    for (int64_t n0 = 0; n0 < segs[i].N; n0 += 32) items.emplace_back(i, n0);
-  const int64_t n_items = static_cast<int64_t>(items.size());
-  const int64_t threads = wb < SERIAL_BYTES || !pool ? 1 : std::max<int64_t>(1, pool->num_threads());
-  const int64_t parts = std::min(n_items, threads * 4);
-  parallel(threads > 1 ? pool : nullptr, parts, [&](int64_t part) {
+  for_items(pool, segs, wb, 32, [&](const auto& run_all) {
     TileConfig cfg;  // tile configuration is per thread
     for (int t = 0; t < 8; ++t) cfg.rows[t] = 16, cfg.colsb[t] = 64;
     _tile_loadconfig(&cfg);
-    for (int64_t it = n_items * part / parts; it < n_items * (part + 1) / parts; ++it)
-      item(segs[items[it].first], items[it].second);
+    run_all([&](const Seg& g, int64_t n0, int64_t) { item(g, n0); });
     _tile_release();
   });
 }
@@ -387,13 +476,7 @@ void write_c(const Seg& g, const float (*c)[256], int64_t M, int64_t mb, int64_t
 void run_amx(ffi::ThreadPool* pool, const uint16_t* x, const std::vector<Seg>& segs, int64_t M, int64_t K,
              int64_t wb) {
   const int64_t mblocks = (M + 15) / 16, pairs = K / 2;
-  std::vector<uint16_t> xv(mblocks * pairs * 32, 0);  // [mblocks, K/2, 16, 2]
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t p = 0; p < pairs; ++p) {
-      uint16_t* d = xv.data() + ((m / 16 * pairs + p) * 16 + m % 16) * 2;
-      d[0] = x[m * K + 2 * p];
-      d[1] = x[m * K + 2 * p + 1];
-    }
+  const std::vector<uint16_t> xv = pack_pairs(x, M, K);
   for_amx_items(pool, segs, wb, [&](const Seg& g, int64_t n0) {
     alignas(64) float c[4][16 * 16];
     const uint16_t* w0 = static_cast<const uint16_t*>(g.wt) + n0 * K;
@@ -595,6 +678,12 @@ static ffi::Error Gemv(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::RemainingArg
 #ifdef LLAMA_JAX_AMX
     if (amx_rows(M, segs) && amx_ready()) {
       run_amx(&pool, static_cast<const uint16_t*>(x.untyped_data()), segs, M, K, wb);
+      return ffi::Error::Success();
+    }
+#endif
+#ifdef LLAMA_JAX_AVX512
+    if (M >= PAIR_ROWS) {
+      run_pairs(&pool, static_cast<const uint16_t*>(x.untyped_data()), segs, M, K, wb);
       return ffi::Error::Success();
     }
 #endif
