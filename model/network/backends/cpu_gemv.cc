@@ -380,12 +380,12 @@ __attribute__((noinline)) void tile_pairs(const uint16_t* xv, const Seg& g, int6
       }
     }
   }
-  alignas(64) float t[16];
+  alignas(64) float t[NR][MB][16];
   for (int j = 0; j < NR; ++j)
-    for (int b = 0; b < MB; ++b) {
-      _mm512_store_ps(t, acc[j][b]);
-      for (int64_t r = 0, m = (mb0 + b) * 16; r < 16 && m < M; ++r, ++m) g.y[m * g.N + n0 + j] = t[r];
-    }
+    for (int b = 0; b < MB; ++b) _mm512_store_ps(t[j][b], acc[j][b]);
+  for (int b = 0; b < MB; ++b)  // row by row: y's rows are often 4 KiB multiples apart (one cache set), and
+    for (int64_t r = 0, m = (mb0 + b) * 16; r < 16 && m < M; ++r, ++m)  // column-wise writes thrashed it (2x)
+      for (int j = 0; j < NR; ++j) g.y[m * g.N + n0 + j] = t[j][b][r];
 }
 
 void run_pairs(ffi::ThreadPool* pool, const uint16_t* x, const std::vector<Seg>& segs, int64_t M, int64_t K,
@@ -467,11 +467,11 @@ __attribute__((noinline)) void tile_quads(const QuadX& xq, const Seg& g, int64_t
     }
   }
   const S* scale = static_cast<const S*>(g.scale);
-  for (int j = 0; j < NR; ++j) {
-    const float sw = scale_f32(scale[n0 + j]);
-    for (int bb = 0; bb < MB; ++bb)
-      for (int64_t r = 0, m = (mb0 + bb) * 16; r < 16 && m < M; ++r, ++m) g.y[m * g.N + n0 + j] = acc[j][bb][r] * sw;
-  }
+  float sw[NR];
+  for (int j = 0; j < NR; ++j) sw[j] = scale_f32(scale[n0 + j]);
+  for (int bb = 0; bb < MB; ++bb)  // row by row, as in tile_pairs
+    for (int64_t r = 0, m = (mb0 + bb) * 16; r < 16 && m < M; ++r, ++m)
+      for (int j = 0; j < NR; ++j) g.y[m * g.N + n0 + j] = acc[j][bb][r] * sw[j];
 }
 
 template <typename S>
