@@ -13,6 +13,10 @@
 // block of 128 inputs, round to nearest even) is what llama.cpp's CPU dot products do; the integer
 // products and block sums are exact, so the only change against float activations is that rounding.
 //
+// Sixteen rows or more (a decode step of many requests, a prompt chunk) are arithmetic-bound instead: there
+// the AMX tiles take bfloat16 and int8 weights where the CPU has them, and elsewhere the AVX-512 row tiles
+// (run_pairs, run_quads), which broadcast each weight pair or quad to 16 packed rows of x.
+//
 // Threads: XLA's intra-op pool (the FFI's ThreadPool), over contiguous ranges of output rows; products
 // under 256 KiB of weights run on the calling thread. Without AVX-512 (BF16 + VNNI) the same arithmetic
 // runs as portable loops.
