@@ -130,6 +130,13 @@ MUTANTS = [
     Mutant("step_padding_not_filled", "serve/scheduler.py",
            "                extra = min(room, r.total - r.computed - counts[i])", "                extra = 0",
            ("tests/test_serve_paged.py::test_decoding_goes_on_during_a_long_prompt",)),
+    Mutant("row_tile_drops_last_row", "model/network/backends/cpu_gemv.cc",  # AVX-512 CPUs only
+           "for (int64_t r = 0, m = (mb0 + b) * 16; r < 16 && m < M; ++r, ++m)  // column-wise",
+           "for (int64_t r = 0, m = (mb0 + b) * 16; r < 16 && m < M - 1; ++r, ++m)  // column-wise",
+           ("tests/test_serve_engine.py::test_cpu_gemv_kernels",)),
+    Mutant("quads_without_offset_correction", "model/network/backends/cpu_gemv.cc",  # AVX-512 CPUs only
+           "for (int j = 0; j < NR; ++j) t[j][bb] = c;", "for (int j = 0; j < NR; ++j) t[j][bb] = _mm512_setzero_si512();",
+           ("tests/test_serve_engine.py::test_cpu_gemv_kernels",)),
 ]
 
 
