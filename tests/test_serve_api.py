@@ -38,7 +38,8 @@ def server(tmp_path_factory):
     env = dict(os.environ, JAX_PLATFORMS="cpu", SERVE_API_KEY=KEY)
     args = [f"engine.max_slots={SLOTS}", "engine.max_len=512", "engine.min_kv_bucket=512", "engine.prefill_chunk=64",
             "engine.prefill_tokens=128", "server.max_prompt_tokens=300", "server.max_tokens=400",
-            "server.max_body_bytes=262144", f"server.header_timeout={HEADER_TIMEOUT}", "server.stream_buffer=32",
+            "server.max_body_bytes=262144", f"server.header_timeout={HEADER_TIMEOUT}",
+            "server.stream_buffer=128",  # 32 let a loaded reader of a fast 400-token stream fall behind (seen once)
             "server.body_timeout=3"]
     with serve_process(args, log, env) as (url, proc):
         yield url, proc, log
