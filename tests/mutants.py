@@ -137,6 +137,19 @@ MUTANTS = [
     Mutant("quads_without_offset_correction", "model/network/backends/cpu_gemv.cc",  # AVX-512 CPUs only
            "for (int j = 0; j < NR; ++j) t[j][bb] = c;", "for (int j = 0; j < NR; ++j) t[j][bb] = _mm512_setzero_si512();",
            ("tests/test_serve_engine.py::test_cpu_gemv_kernels",)),
+    Mutant("bf16_attention_sums_misordered", "model/network/backends/cpu_attention.cc",  # AVX512-BF16 CPUs only
+           "  return _mm512_add_ps(_mm512_shuffle_f32x4(v[0], v[1], 0x88), _mm512_shuffle_f32x4(v[0], v[1], 0xDD));",
+           "  return _mm512_add_ps(_mm512_shuffle_f32x4(v[0], v[1], 0x88), _mm512_shuffle_f32x4(v[1], v[0], 0xDD));",
+           ("tests/test_paged_kernels.py::test_cpu_paged_kernel_bf16_blocks_of_16",)),
+    Mutant("bf16_attention_values_unscrambled_wrong", "model/network/backends/cpu_attention.cc",
+           "          out[g * H + u * 32 + 8 * L + 4 + i] = a[16 + 4 * L + i];",
+           "          out[g * H + u * 32 + 8 * L + 4 + i] = a[4 * L + i];",
+           ("tests/test_paged_kernels.py::test_cpu_paged_kernel_matches_the_references",
+            "tests/test_paged_kernels.py::test_cpu_paged_kernel_bf16_blocks_of_16")),
+    Mutant("token_logprobs_only_with_top", "serve/scheduler.py",  # logprobs=0 (the chosen token's) gets zeros
+           "        logprobs = any(r.params.logprobs is not None for r in reqs)",
+           "        logprobs = want > 0",
+           ("tests/test_serve_parity.py::test_greedy_chat_equals_transformers",)),
 ]
 
 

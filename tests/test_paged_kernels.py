@@ -115,6 +115,17 @@ def test_cpu_paged_kernel_matches_the_references(N, K, H, dtype):
 
 
 @needs_kernels
+@pytest.mark.parametrize("N,K,H", [(16, 4, 64), (8, 2, 128), (4, 4, 64)])
+def test_cpu_paged_kernel_bf16_blocks_of_16(N, K, H):
+    """The engine's block size: full blocks take the bfloat16 kernel's 16-key path (AVX512-BF16 CPUs), the
+    last partial block and odd key counts its tail; a prompt chunk's tokens see different key counts."""
+    q, (kv, _), meta = ragged_batch(4, N=N, K=K, H=H, dtype=jnp.bfloat16, block_size=16,
+                                    seqs=[(1, 37), (1, 16), (9, 40), (1, 3), (1, 64)])
+    out = jax.jit(cpu_kernels.paged_attention)(q, kv[0], None, meta)
+    check(out, q, kv[0], None, meta, TOL["bfloat16"])
+
+
+@needs_kernels
 @pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
 def test_cpu_paged_kernel_reads_the_layer_of_a_stacked_pool(dtype):
     """The whole pool [L, ...] with a (traced) layer index: the layer's blocks, no copy of the layer."""

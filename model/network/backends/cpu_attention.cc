@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <type_traits>
 #include <vector>
 
 #ifdef __AVX512F__
@@ -144,6 +145,108 @@ void values_avx512(const float* p, const T* v, int64_t n, int64_t G, int64_t str
 }
 #endif
 
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
+#define LLAMA_JAX_BF16_ATTENTION 1
+// bfloat16 pools of a bfloat16 model: q, the keys, the rounded probabilities and the values are all exact
+// bfloat16, so their products are exact in float32 and AVX512-BF16's dot (vdpbf16ps: the sum of a pair of
+// products added to a float32 lane) takes the bits as they are. Converting each key and value to float32
+// once per query head was most of this kernel's time.
+
+inline __m512bh bits(__m512i x) { return (__m512bh)x; }
+
+// [sum(a[0]), sum(a[1]), ..., sum(a[15])]: a transpose-and-add tree, 45 instructions for 16 sums.
+inline __m512 sum16(const __m512* a) {
+  __m512 t[8], u[4], v[2];
+  for (int i = 0; i < 8; ++i)  // [a0+a2, b0+b2, a1+a3, b1+b3] in each 128-bit lane
+    t[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]), _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
+  for (int i = 0; i < 4; ++i) {  // [a, b, c, d] partial sums in each 128-bit lane
+    const __m512d x = _mm512_castps_pd(t[2 * i]), y = _mm512_castps_pd(t[2 * i + 1]);
+    u[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+  }
+  for (int i = 0; i < 2; ++i)  // 128-bit lanes 0+1 and 2+3 of two vectors
+    v[i] = _mm512_add_ps(_mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], 0x88),
+                         _mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(v[0], v[1], 0x88), _mm512_shuffle_f32x4(v[0], v[1], 0xDD));
+}
+
+// scores[g * ld + s] = q_g . k_s * scale over m keys `stride` apart; qb: the G heads' q as bfloat16 bits.
+template <int HV>  // HV = H / 32 vectors a row
+void scores_bf16(const uint16_t* qb, const uint16_t* k, int64_t m, int64_t G, int64_t stride, float scale,
+                 float* scores, int64_t ld) {
+  const __m512 sv = _mm512_set1_ps(scale);
+  for (int64_t g = 0; g < G; ++g) {
+    __m512bh qv[HV];
+    for (int v = 0; v < HV; ++v) qv[v] = bits(_mm512_loadu_si512(qb + g * HV * 32 + v * 32));
+    int64_t s = 0;
+    for (; s + 16 <= m; s += 16) {
+      __m512 acc[16];
+      for (int i = 0; i < 16; ++i) {
+        acc[i] = _mm512_dpbf16_ps(_mm512_setzero_ps(), qv[0], bits(_mm512_loadu_si512(k + (s + i) * stride)));
+        for (int v = 1; v < HV; ++v)
+          acc[i] = _mm512_dpbf16_ps(acc[i], qv[v], bits(_mm512_loadu_si512(k + (s + i) * stride + v * 32)));
+      }
+      _mm512_storeu_ps(scores + g * ld + s, _mm512_mul_ps(sum16(acc), sv));
+    }
+    for (; s < m; ++s) {
+      __m512 acc = _mm512_setzero_ps();
+      for (int v = 0; v < HV; ++v) acc = _mm512_dpbf16_ps(acc, qv[v], bits(_mm512_loadu_si512(k + s * stride + v * 32)));
+      scores[g * ld + s] = _mm512_reduce_add_ps(acc) * scale;
+    }
+  }
+}
+
+// acc_g += the interleaved values' pairs times p_g's pairs, for GB heads g.
+template <int HV, int GB>
+inline void values_heads(const uint16_t* p, int64_t ld, const __m512i* pairs, int64_t np, float* acc) {
+  __m512 o[GB][2 * HV];
+  for (int g = 0; g < GB; ++g)
+    for (int w = 0; w < 2 * HV; ++w) o[g][w] = _mm512_loadu_ps(acc + g * HV * 32 + w * 16);
+  for (int64_t j = 0; j < np; ++j)
+    for (int g = 0; g < GB; ++g) {
+      int32_t pp;
+      std::memcpy(&pp, p + g * ld + 2 * j, 4);
+      const __m512bh pv = bits(_mm512_set1_epi32(pp));
+      for (int w = 0; w < 2 * HV; ++w) o[g][w] = _mm512_dpbf16_ps(o[g][w], bits(pairs[j * 2 * HV + w]), pv);
+    }
+  for (int g = 0; g < GB; ++g)
+    for (int w = 0; w < 2 * HV; ++w) _mm512_storeu_ps(acc + g * HV * 32 + w * 16, o[g][w]);
+}
+
+// acc_g += sum_s p[g * ld + s] v_s over m values `stride` apart, p as bfloat16 bits (p[g * ld + m] finite).
+// Values s and s + 1 are interleaved into `pairs` once, so that one vdpbf16ps adds both of a pair's
+// products; acc's lanes are then in that interleaved order (see `unscramble`).
+template <int HV>
+void values_bf16(const uint16_t* p, int64_t ld, const uint16_t* v, int64_t m, int64_t G, int64_t stride, float* acc,
+                 __m512i* pairs) {
+  const int64_t np = (m + 1) / 2;
+  for (int64_t j = 0; j < np; ++j) {
+    const uint16_t* a = v + 2 * j * stride;
+    for (int u = 0; u < HV; ++u) {
+      const __m512i x = _mm512_loadu_si512(a + u * 32);
+      const __m512i y = 2 * j + 1 < m ? _mm512_loadu_si512(a + stride + u * 32) : _mm512_setzero_si512();
+      pairs[j * 2 * HV + 2 * u] = _mm512_unpacklo_epi16(x, y);
+      pairs[j * 2 * HV + 2 * u + 1] = _mm512_unpackhi_epi16(x, y);
+    }
+  }
+  int64_t g = 0;  // GB heads at a time: 2 * HV * GB accumulators hide vdpbf16ps' latency
+  for (; g + 8 / HV <= G; g += 8 / HV) values_heads<HV, 8 / HV>(p + g * ld, ld, pairs, np, acc + g * HV * 32);
+  for (; g < G; ++g) values_heads<HV, 1>(p + g * ld, ld, pairs, np, acc + g * HV * 32);
+}
+
+// values_bf16's lane order back to h: vector 2u (unpacklo) holds h = 32u + 8L + i, vector 2u + 1 (unpackhi)
+// h = 32u + 8L + 4 + i, in 128-bit lane L, element i.
+inline void unscramble(const float* acc, int64_t G, int64_t H, float* out) {
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t u = 0; u < H / 32; ++u)
+      for (int L = 0; L < 4; ++L)
+        for (int i = 0; i < 4; ++i) {
+          const float* a = acc + g * H + u * 32;
+          out[g * H + u * 32 + 8 * L + i] = a[4 * L + i];
+          out[g * H + u * 32 + 8 * L + 4 + i] = a[16 + 4 * L + i];
+        }
+}
+#endif
+
 // Softmax of each head's n scores in place (rounded to bfloat16 when asked).
 inline void softmax(float* scores, int64_t n, int64_t G, bool round_probs) {
   for (int64_t g = 0; g < G; ++g) {
@@ -263,6 +366,41 @@ void paged_one(const float* q, const T* kv, const float* sc, const Paged& pg, in
   }
 }
 
+#ifdef LLAMA_JAX_BF16_ATTENTION
+// paged_one for a bfloat16 pool and model (H = 32 * HV) with AVX512-BF16: the same arithmetic, the products
+// summed in another order.
+template <int HV>
+void paged_one_bf16(const float* q, const uint16_t* kv, const Paged& pg, int64_t seq, int64_t n, int64_t kh,
+                    int64_t G, float* out) {
+  constexpr int64_t H = 32 * HV;
+  const int64_t bs = pg.bs, stride = 2 * pg.K * H, ld = n + 2;  // p: two more columns, zeros (values_bf16)
+  const float scale = 1.0f / std::sqrt(static_cast<float>(H));
+  std::vector<float> scores(G * n), acc(G * H, 0.0f);
+  std::vector<uint16_t> qb(G * H), p(G * ld, 0);
+  std::vector<__m512i> pairs((bs + 1) / 2 * 2 * HV);
+  for (int64_t i = 0; i < G * H; ++i) {  // q is bfloat16 held in float32: its top 16 bits
+    uint32_t u;
+    std::memcpy(&u, q + i, 4);
+    qb[i] = static_cast<uint16_t>(u >> 16);
+  }
+  const int32_t* table = pg.pages + seq * pg.P;
+  auto block = [&](int64_t b0) { return kv + (pg.layer * pg.blocks + table[b0 / bs]) * bs * stride; };
+  for (int64_t b0 = 0; b0 < n; b0 += bs)
+    scores_bf16<HV>(qb.data(), block(b0) + 2 * kh * H, std::min(bs, n - b0), G, stride, scale, scores.data() + b0, n);
+  softmax(scores.data(), n, G, true);
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t s = 0; s < n; ++s) {  // rounded to bfloat16 by softmax: exact in its top 16 bits
+      uint32_t u;
+      std::memcpy(&u, &scores[g * n + s], 4);
+      p[g * ld + s] = static_cast<uint16_t>(u >> 16);
+    }
+  for (int64_t b0 = 0; b0 < n; b0 += bs)
+    values_bf16<HV>(p.data() + b0, ld, block(b0) + (2 * kh + 1) * H, std::min(bs, n - b0), G, stride, acc.data(),
+                    pairs.data());
+  unscramble(acc.data(), G, H, out);
+}
+#endif
+
 // tok_seq[t]: the sequence of token t (-1: padding, output zeros).
 template <typename T>
 void run_paged(ffi::ThreadPool* pool, const float* q, const T* kv, const float* sc, const Paged& pg,
@@ -283,6 +421,12 @@ void run_paged(ffi::ThreadPool* pool, const float* q, const T* kv, const float* 
     }
     const int64_t q_len = pg.cu[seq + 1] - pg.cu[seq], kv_len = pg.kv_lens[seq];
     const int64_t n = kv_len - q_len + (t - pg.cu[seq]) + 1;  // causal: the keys up to its own
+#ifdef LLAMA_JAX_BF16_ATTENTION
+    if constexpr (std::is_same_v<T, uint16_t>) {
+      if (round_probs && H == 64) return paged_one_bf16<2>(q + (t * N + kh * G) * H, kv, pg, seq, n, kh, G, o);
+      if (round_probs && H == 128) return paged_one_bf16<4>(q + (t * N + kh * G) * H, kv, pg, seq, n, kh, G, o);
+    }
+#endif
     std::vector<float> buf(G * (longest + pg.bs) + H);
     paged_one(q + (t * N + kh * G) * H, kv, sc, pg, seq, n, kh, G, round_probs, o, buf.data());
   };
