@@ -85,7 +85,7 @@ def sample(logits_BV, temperature_B, top_k_B, top_p_B, seed_B, counter_B, num_to
     logits = logits_BV.astype(jnp.float32)
     if penalties is not None:
         logits = penalties.apply(logits, counter_B)
-    greedy = first_argmax(logits)
+    greedy = first_argmax(logits if penalties is not None else logits_BV)  # bf16 as it is: half the bytes
     sampled_rows = temperature_B > 0
 
     def draw():
