@@ -16,8 +16,8 @@ When nothing waits and every running request is decoding, one call runs `decode_
 A request's tokens are its prompt followed by what it generated; `computed` of them have their keys and
 values in the pool. The step that computes a request's last known token samples its next one.
 
-Step shapes come from buckets: T (tokens) a power of two from 16 up to prefill_tokens (decode-only steps:
-T = S), S (sequences) a power of two up to max_slots, P (pages per sequence) a power of two from
+Step shapes come from buckets: T (tokens) 2^k or 3 * 2^(k-1) from 16 up to prefill_tokens (decode-only
+steps: T = S), S (sequences) a power of two up to max_slots, P (pages per sequence) a power of two from
 min_kv_bucket / block_size up to the pages of max_len.
 """
 
@@ -92,6 +92,15 @@ def bucket(n: int, lo: int, hi: int) -> int:
     """The smallest power of two >= max(n, lo), capped at hi."""
     b = 1 << max(int(max(n, lo)) - 1, 0).bit_length()
     return min(b, hi)
+
+
+def token_bucket(n: int, lo: int, hi: int) -> int:
+    """A step's token count: the smallest 2^k or 3 * 2^(k-1) >= max(n, lo), capped at hi. Steps between
+    powers of two pad at most a third, not a half: 15 decoders plus a 32-token prompt chunk run 48 tokens,
+    not 64 (on a CPU, where a 16-row step already costs its arithmetic, that is the decoders' wait)."""
+    n = max(int(n), lo)
+    b = 1 << (n - 1).bit_length()
+    return min(b * 3 // 4 if b % 4 == 0 and b * 3 // 4 >= n else b, hi)
 
 
 def buckets(lo: int, hi: int) -> list[int]:
@@ -247,7 +256,7 @@ class Scheduler:
         while budget > 0 and self.waiting and len(self.running) < cfg.max_slots and self._admit(self.waiting[0]):
             take(self.waiting.popleft())
         if chunks:  # the step computes its whole bucket of tokens: prompt tokens instead of padding
-            room = bucket(len(decoders) + sum(counts), 16, cfg.prefill_tokens) - len(decoders) - sum(counts)
+            room = token_bucket(len(decoders) + sum(counts), 16, cfg.prefill_tokens) - len(decoders) - sum(counts)
             for i, r in enumerate(chunks):
                 extra = min(room, r.total - r.computed - counts[i])
                 counts[i] += extra
@@ -274,7 +283,7 @@ class Scheduler:
         """The step's host inputs: a ragged batch in buckets."""
         cfg, bs = self.cfg, self.cfg.block_size
         S = bucket(len(reqs), 1, cfg.max_slots)
-        T = S if all(c == 1 for c in counts) else bucket(sum(counts), 16, cfg.prefill_tokens)
+        T = S if all(c == 1 for c in counts) else token_bucket(sum(counts), 16, cfg.prefill_tokens)
         P = bucket(max(len(r.blocks) for r in reqs), self.min_pages, self.max_pages)
         tokens, positions, slots, rows = (np.zeros(T, np.int32) for _ in range(4))
         kv_lens, last = np.zeros(S, np.int32), np.zeros(S, np.int32)

@@ -146,6 +146,13 @@ MUTANTS = [
            "          out[g * H + u * 32 + 8 * L + 4 + i] = a[4 * L + i];",
            ("tests/test_paged_kernels.py::test_cpu_paged_kernel_matches_the_references",
             "tests/test_paged_kernels.py::test_cpu_paged_kernel_bf16_blocks_of_16")),
+    Mutant("token_buckets_powers_only", "serve/scheduler.py",
+           "    return min(b * 3 // 4 if b % 4 == 0 and b * 3 // 4 >= n else b, hi)",
+           "    return min(b, hi)",
+           ("tests/test_serve_engine.py::test_buckets",)),
+    Mutant("three_block_tile_computes_two", "model/network/backends/cpu_gemv.cc",  # AVX512-BF16 CPUs only
+           "if (three && n1 - n >= 8) tile_pairs<8, 3>(", "if (three && n1 - n >= 8) tile_pairs<8, 2>(",
+           ("tests/test_serve_engine.py::test_cpu_gemv_kernels",)),
     Mutant("token_logprobs_only_with_top", "serve/scheduler.py",  # logprobs=0 (the chosen token's) gets zeros
            "        logprobs = any(r.params.logprobs is not None for r in reqs)",
            "        logprobs = want > 0",

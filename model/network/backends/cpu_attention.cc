@@ -212,22 +212,26 @@ inline void values_heads(const uint16_t* p, int64_t ld, const __m512i* pairs, in
     for (int w = 0; w < 2 * HV; ++w) _mm512_storeu_ps(acc + g * HV * 32 + w * 16, o[g][w]);
 }
 
-// acc_g += sum_s p[g * ld + s] v_s over m values `stride` apart, p as bfloat16 bits (p[g * ld + m] finite).
-// Values s and s + 1 are interleaved into `pairs` once, so that one vdpbf16ps adds both of a pair's
-// products; acc's lanes are then in that interleaved order (see `unscramble`).
+// pairs[j] = values 2j and 2j + 1 (of m, `stride` apart) interleaved, so that one vdpbf16ps adds both of a
+// pair's products (an odd last value is paired with zeros); HV * 2 vectors a pair.
 template <int HV>
-void values_bf16(const uint16_t* p, int64_t ld, const uint16_t* v, int64_t m, int64_t G, int64_t stride, float* acc,
-                 __m512i* pairs) {
-  const int64_t np = (m + 1) / 2;
-  for (int64_t j = 0; j < np; ++j) {
+void interleave(const uint16_t* v, int64_t m, int64_t stride, __m512i* pairs) {
+  for (int64_t j = 0; j < (m + 1) / 2; ++j) {
     const uint16_t* a = v + 2 * j * stride;
+    const bool odd = 2 * j + 1 == m;
     for (int u = 0; u < HV; ++u) {
       const __m512i x = _mm512_loadu_si512(a + u * 32);
-      const __m512i y = 2 * j + 1 < m ? _mm512_loadu_si512(a + stride + u * 32) : _mm512_setzero_si512();
-      pairs[j * 2 * HV + 2 * u] = _mm512_unpacklo_epi16(x, y);
-      pairs[j * 2 * HV + 2 * u + 1] = _mm512_unpackhi_epi16(x, y);
+      const __m512i y = odd ? _mm512_setzero_si512() : _mm512_loadu_si512(a + stride + u * 32);
+      _mm512_store_si512(pairs + j * 2 * HV + 2 * u, _mm512_unpacklo_epi16(x, y));
+      _mm512_store_si512(pairs + j * 2 * HV + 2 * u + 1, _mm512_unpackhi_epi16(x, y));
     }
   }
+}
+
+// acc_g += sum_s p[g * ld + s] v_s over the np interleaved pairs, p as bfloat16 bits (p[g * ld + 2 np - 1]
+// finite); acc's lanes are in the pairs' order (see `unscramble`).
+template <int HV>
+void values_bf16(const uint16_t* p, int64_t ld, const __m512i* pairs, int64_t np, int64_t G, float* acc) {
   int64_t g = 0;  // GB heads at a time: 2 * HV * GB accumulators hide vdpbf16ps' latency
   for (; g + 8 / HV <= G; g += 8 / HV) values_heads<HV, 8 / HV>(p + g * ld, ld, pairs, np, acc + g * HV * 32);
   for (; g < G; ++g) values_heads<HV, 1>(p + g * ld, ld, pairs, np, acc + g * HV * 32);
@@ -259,7 +263,11 @@ inline void softmax(float* scores, int64_t n, int64_t G, bool round_probs) {
     for (; s0 < n; ++s0) mx = std::max(mx, sc[s0]);
     for (int j = 0; j < 16; ++j) mx = std::max(mx, part[j]);
     for (int64_t s = 0; s < n; ++s) sc[s] = exp_nonpositive(sc[s] - mx);
-    for (int64_t s = 0; s < n; ++s) sum += sc[s];
+    std::fill(part, part + 16, 0.0f);  // 16 partial sums too: one running sum is a chain of dependent adds
+    for (s0 = 0; s0 + 16 <= n; s0 += 16)
+      for (int j = 0; j < 16; ++j) part[j] += sc[s0 + j];
+    for (; s0 < n; ++s0) sum += sc[s0];
+    for (int j = 0; j < 16; ++j) sum += part[j];
     const float inv = 1.0f / sum;
     for (int64_t s = 0; s < n; ++s) sc[s] = round_probs ? round_bf16(sc[s] * inv) : sc[s] * inv;
   }
@@ -377,7 +385,7 @@ void paged_one_bf16(const float* q, const uint16_t* kv, const Paged& pg, int64_t
   const float scale = 1.0f / std::sqrt(static_cast<float>(H));
   std::vector<float> scores(G * n), acc(G * H, 0.0f);
   std::vector<uint16_t> qb(G * H), p(G * ld, 0);
-  std::vector<__m512i> pairs((bs + 1) / 2 * 2 * HV);
+  std::vector<__m512i> pairs((n + 1) / 2 * 2 * HV);  // all the values, interleaved
   for (int64_t i = 0; i < G * H; ++i) {  // q is bfloat16 held in float32: its top 16 bits
     uint32_t u;
     std::memcpy(&u, q + i, 4);
@@ -385,8 +393,11 @@ void paged_one_bf16(const float* q, const uint16_t* kv, const Paged& pg, int64_t
   }
   const int32_t* table = pg.pages + seq * pg.P;
   auto block = [&](int64_t b0) { return kv + (pg.layer * pg.blocks + table[b0 / bs]) * bs * stride; };
-  for (int64_t b0 = 0; b0 < n; b0 += bs)
-    scores_bf16<HV>(qb.data(), block(b0) + 2 * kh * H, std::min(bs, n - b0), G, stride, scale, scores.data() + b0, n);
+  for (int64_t b0 = 0; b0 < n; b0 += bs) {  // a block's keys and values together: reading them in two passes was
+    const uint16_t* b = block(b0);             // slower from memory (their rows are 2K * H apart)
+    scores_bf16<HV>(qb.data(), b + 2 * kh * H, std::min(bs, n - b0), G, stride, scale, scores.data() + b0, n);
+    interleave<HV>(b + (2 * kh + 1) * H, std::min(bs, n - b0), stride, pairs.data() + b0 / 2 * 2 * HV);
+  }
   softmax(scores.data(), n, G, true);
   for (int64_t g = 0; g < G; ++g)
     for (int64_t s = 0; s < n; ++s) {  // rounded to bfloat16 by softmax: exact in its top 16 bits
@@ -394,9 +405,7 @@ void paged_one_bf16(const float* q, const uint16_t* kv, const Paged& pg, int64_t
       std::memcpy(&u, &scores[g * n + s], 4);
       p[g * ld + s] = static_cast<uint16_t>(u >> 16);
     }
-  for (int64_t b0 = 0; b0 < n; b0 += bs)
-    values_bf16<HV>(p.data() + b0, ld, block(b0) + (2 * kh + 1) * H, std::min(bs, n - b0), G, stride, acc.data(),
-                    pairs.data());
+  values_bf16<HV>(p.data(), ld, pairs.data(), (n + 1) / 2, G, acc.data());
   unscramble(acc.data(), G, H, out);
 }
 #endif
@@ -423,8 +432,8 @@ void run_paged(ffi::ThreadPool* pool, const float* q, const T* kv, const float* 
     const int64_t n = kv_len - q_len + (t - pg.cu[seq]) + 1;  // causal: the keys up to its own
 #ifdef LLAMA_JAX_BF16_ATTENTION
     if constexpr (std::is_same_v<T, uint16_t>) {
-      if (round_probs && H == 64) return paged_one_bf16<2>(q + (t * N + kh * G) * H, kv, pg, seq, n, kh, G, o);
-      if (round_probs && H == 128) return paged_one_bf16<4>(q + (t * N + kh * G) * H, kv, pg, seq, n, kh, G, o);
+      if (round_probs && pg.bs % 2 == 0 && H == 64) return paged_one_bf16<2>(q + (t * N + kh * G) * H, kv, pg, seq, n, kh, G, o);
+      if (round_probs && pg.bs % 2 == 0 && H == 128) return paged_one_bf16<4>(q + (t * N + kh * G) * H, kv, pg, seq, n, kh, G, o);
     }
 #endif
     std::vector<float> buf(G * (longest + pg.bs) + H);

@@ -398,10 +398,12 @@ void run_pairs(ffi::ThreadPool* pool, const uint16_t* x, const std::vector<Seg>&
   const std::vector<uint16_t> xv = pack_pairs(x, M, K);
   for_items(pool, segs, wb, 24, [&](const auto& run_all) {
     run_all([&](const Seg& g, int64_t n0, int64_t n1) {
-      for (int64_t mb = 0; mb < mblocks; mb += mblocks - mb >= 2 ? 2 : 1) {
-        const bool two = mblocks - mb >= 2;
+      for (int64_t mb = 0; mb < mblocks; mb += std::min<int64_t>(mblocks - mb, mblocks - mb == 3 ? 3 : 2)) {
+        const bool two = mblocks - mb >= 2, three = mblocks - mb == 3;  // 48 rows: one pass over the weights
         for (int64_t n = n0; n < n1;) {  // N % 4 == 0: the tail is whole tiles of 4
-          if (two && n1 - n >= 8) tile_pairs<8, 2>(xv.data(), g, M, K, mb, n, mb == 0), n += 8;
+          if (three && n1 - n >= 8) tile_pairs<8, 3>(xv.data(), g, M, K, mb, n, mb == 0), n += 8;
+          else if (three) tile_pairs<4, 3>(xv.data(), g, M, K, mb, n, mb == 0), n += 4;
+          else if (two && n1 - n >= 8) tile_pairs<8, 2>(xv.data(), g, M, K, mb, n, mb == 0), n += 8;
           else if (two) tile_pairs<4, 2>(xv.data(), g, M, K, mb, n, mb == 0), n += 4;
           else if (n1 - n >= 12) tile_pairs<12, 1>(xv.data(), g, M, K, mb, n, mb == 0), n += 12;
           else tile_pairs<4, 1>(xv.data(), g, M, K, mb, n, mb == 0), n += 4;
