@@ -308,8 +308,7 @@ class Scheduler:
                                           [(r.prompt, r.generated) for r in reqs], self.stop_ids, steps)
         want = max((r.params.logprobs or 0) for r in reqs)
         next_tokens = prompt_logprobs.next_tokens(reqs, counts, T)  # None unless a prompt's log-probs are wanted
-        logprobs = any(r.params.logprobs is not None for r in reqs)
-        shape = StepShape(0 if want == 0 else sampling.MAX_TOP_LOGPROBS, steps, next_tokens is not None, logprobs)
+        shape = StepShape(0 if want == 0 else sampling.MAX_TOP_LOGPROBS, steps, next_tokens is not None)
         return Plan(reqs, counts, Batch(tokens, positions, meta, last, sampling_rows, rows, next_tokens), shape)
 
     def warmup_plans(self, decode_steps: int) -> list[Plan]:

@@ -78,7 +78,6 @@ class StepShape:
     num_top: int = 0  # top log-probs computed per token
     steps: int = 1  # tokens per sequence per call (decode only): each sampled token is fed back as the next input
     prompt_logprobs: bool = False  # also the log-prob of `next_tokens` and the top ones at every token (echo)
-    logprobs: bool = False  # the sampled tokens' log-probs (else zeros; num_top > 0 needs it)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,8 +104,7 @@ def step_fn(program: Program, weights, cache, batch: Batch, shape: StepShape):
             update = kv_cache.CacheUpdate(cache, batch.meta, program.attention, layers)
             at = jnp.arange(batch.tokens.shape[0]) if shape.prompt_logprobs else batch.last
             logits, cache = module(batch.tokens[None], batch.positions[None], cache=update, logits_at=at)
-            out = batch.sampling.sample(logits[batch.last, 0] if shape.prompt_logprobs else logits[:, 0], shape.num_top,
-                                        shape.logprobs)
+            out = batch.sampling.sample(logits[batch.last, 0] if shape.prompt_logprobs else logits[:, 0], shape.num_top)
             if shape.prompt_logprobs:  # gathered per token on device: [T] and [T, k] go to the host, not [T, V]
                 out += sampling.token_logprobs(logits[:, 0], batch.next_tokens, sampling.MAX_TOP_LOGPROBS)
             return out, cache
@@ -147,7 +145,7 @@ class DeviceStep:
         key = (*batch.shape, shape.num_top, shape.steps)
         pen = batch.sampling.penalties  # the opt-in paths add a label (the default key is as it was)
         key += ((f"penalties L={pen.history.shape[1]} K={pen.stop_ids.shape[1]}",) if pen is not None else ()) + \
-            (("prompt_logprobs",) if shape.prompt_logprobs else ()) + (("logprobs",) if shape.logprobs else ())
+            (("prompt_logprobs",) if shape.prompt_logprobs else ())
         if key not in self.compiled_shapes:
             self.compiled_shapes.add(key)
             log.info("compiling step for %d tokens of %d sequences, %d pages each%s%s%s", *key[:3],

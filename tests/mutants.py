@@ -153,9 +153,9 @@ MUTANTS = [
     Mutant("three_block_tile_computes_two", "model/network/backends/cpu_gemv.cc",  # AVX512-BF16 CPUs only
            "if (three && n1 - n >= 8) tile_pairs<8, 3>(", "if (three && n1 - n >= 8) tile_pairs<8, 2>(",
            ("tests/test_serve_engine.py::test_cpu_gemv_kernels",)),
-    Mutant("token_logprobs_only_with_top", "serve/scheduler.py",  # logprobs=0 (the chosen token's) gets zeros
-           "        logprobs = any(r.params.logprobs is not None for r in reqs)",
-           "        logprobs = want > 0",
+    Mutant("logprob_without_log_sum", "serve/sampling.py",  # the shifted logit taken for the log-prob
+           "    chosen = ((jnp.take_along_axis(x, tokens[:, None], axis=-1) - top) - log_sum)[:, 0]",
+           "    chosen = (jnp.take_along_axis(x, tokens[:, None], axis=-1) - top)[:, 0]",
            ("tests/test_serve_parity.py::test_greedy_chat_equals_transformers",)),
 ]
 
