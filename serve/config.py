@@ -46,7 +46,8 @@ class EngineConfig:
     warmup: bool = False  # compile every decode bucket before serving
     seed: int = 0  # seeds requests that bring none
     layout: str = "auto"  # scan (stacked layers) | unrolled (per-layer weights) | auto: unrolled on one CPU
-    decode_steps: int = 0  # tokens per decode call while no prompt waits; 0 = auto: 4 on one CPU device, else 1
+    decode_steps: int = 0  # tokens per decode call while no prompt waits, for up to 4 decoding requests (half
+    # as many beyond: serve/scheduler.call_steps); 0 = auto: 4 on one CPU device, else 1
     # (spreads the host's per-call cost; unrolled, so the decode step's compile time grows with it)
     cpu_kernels: bool = True  # one CPU device: products and cache attention with model/network/backends/cpu_*.cc
     max_loras: int = 4  # LoRA adapter slots (with model.lora_modules or server.runtime_lora)

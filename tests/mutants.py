@@ -150,6 +150,10 @@ MUTANTS = [
            "    return min(b * 3 // 4 if b % 4 == 0 and b * 3 // 4 >= n else b, hi)",
            "    return min(b, hi)",
            ("tests/test_serve_engine.py::test_buckets",)),
+    Mutant("full_decode_steps_for_every_row_count", "serve/scheduler.py",
+           "    return decode_steps if rows <= 4 else max(decode_steps // 2, 1)",
+           "    return decode_steps",
+           ("tests/test_serve_engine.py::test_buckets",)),
     Mutant("three_block_tile_computes_two", "model/network/backends/cpu_gemv.cc",  # AVX512-BF16 CPUs only
            "if (three && n1 - n >= 8) tile_pairs<8, 3>(", "if (three && n1 - n >= 8) tile_pairs<8, 2>(",
            ("tests/test_serve_engine.py::test_cpu_gemv_kernels",)),

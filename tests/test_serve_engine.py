@@ -13,7 +13,7 @@ from serve.config import EngineConfig, ModelSpec
 from serve.engine import Engine
 from serve.events import TextStream
 from serve.sampling import SamplingParams, sample
-from serve.scheduler import bucket, buckets, token_bucket
+from serve.scheduler import bucket, buckets, call_steps, token_bucket
 from sharding.mesh import make_mesh
 from tests import hf_reference
 
@@ -126,7 +126,7 @@ def test_compiles_once_per_bucket(engine):
     assert engine.device_step.jitted._cache_size() == len(seen)  # one executable per bucket, none per request
     pages = set(buckets(CFG.min_kv_bucket // CFG.block_size, CFG.max_len // CFG.block_size))
     for T, S, P, _, steps in seen:
-        assert S in buckets(1, CFG.max_slots) and P in pages and steps in (1, engine.decode_steps)
+        assert S in buckets(1, CFG.max_slots) and P in pages and steps in (1, call_steps(engine.decode_steps, S))
         assert T == S or T == token_bucket(T, 16, CFG.prefill_tokens)  # decode only, or with prompt chunks
     engine.generate(prompts([4, 31, 49], seed=5), GREEDY)  # new requests, same buckets
     assert engine.compiled_shapes == seen and engine.device_step.jitted._cache_size() == len(seen)
@@ -139,6 +139,8 @@ def test_buckets():
     assert [token_bucket(n, 16, 512) for n in (1, 16, 17, 24, 25, 33, 48, 49, 65, 97, 300, 900)] == \
         [16, 16, 24, 24, 32, 48, 48, 64, 96, 128, 384, 512]
     assert token_bucket(70, 16, 100) == 96 and token_bucket(99, 16, 100) == 100
+    # tokens per decode call: all of decode_steps up to 4 rows, half beyond
+    assert [call_steps(4, n) for n in (1, 4, 5, 64)] == [4, 4, 2, 2] and call_steps(1, 64) == call_steps(3, 9) == 1
 
 
 def test_stops_and_max_tokens(engine):
