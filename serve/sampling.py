@@ -80,9 +80,8 @@ def sample(logits_BV, temperature_B, top_k_B, top_p_B, seed_B, counter_B, num_to
     """-> (tokens [B] int32, logprob of each token [B], top ids [B, num_top], top logprobs [B, num_top]).
     With `penalties` (a `Penalties`), the tokens are drawn from the penalized logits; the log-probs are the
     model's."""
-    logits = logits_BV.astype(jnp.float32)
-    if penalties is not None:
-        logits = penalties.apply(logits, counter_B)
+    x = logits_BV.astype(jnp.float32)  # the model's: what the log-probs report
+    logits = x if penalties is None else penalties.apply(x, counter_B)
     greedy = first_argmax(logits if penalties is not None else logits_BV)  # bf16 as it is: half the bytes
     sampled_rows = temperature_B > 0
 
@@ -106,7 +105,6 @@ def sample(logits_BV, temperature_B, top_k_B, top_p_B, seed_B, counter_B, num_to
     tokens = jnp.where(sampled_rows, drawn, greedy)
     # log_softmax(x)_i = (x_i - max) - log(sum(exp(x - max))), for the few i wanted: no [B, V] array of them
     # (XLA:CPU materialized four, a tenth of a 64-row decode step)
-    x = logits_BV.astype(jnp.float32)
     top = jnp.max(x, axis=-1, keepdims=True)
     log_sum = jnp.log(jnp.sum(jnp.exp(x - top), axis=-1, keepdims=True))
     chosen = ((jnp.take_along_axis(x, tokens[:, None], axis=-1) - top) - log_sum)[:, 0]

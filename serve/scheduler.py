@@ -270,8 +270,8 @@ class Scheduler:
                 counts[i] += extra
                 room -= extra
         steps = 1
-        if decoders and not chunks and not self.waiting and call_steps(decode_steps, len(decoders)) > 1:
-            steps = call_steps(decode_steps, len(decoders))
+        if decoders and not chunks and not self.waiting and (per_call := call_steps(decode_steps, len(decoders))) > 1:
+            steps = per_call
             for r in decoders:  # blocks for every token of the call, or one token per call
                 cap = min(len(r.prompt) + r.params.max_tokens, cfg.max_len)
                 if not self._grow(r, min(r.total + steps - 1, cap), preempt=False):
