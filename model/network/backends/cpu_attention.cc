@@ -385,7 +385,10 @@ void paged_one_bf16(const float* q, const uint16_t* kv, const Paged& pg, int64_t
   const float scale = 1.0f / std::sqrt(static_cast<float>(H));
   std::vector<float> scores(G * n), acc(G * H, 0.0f);
   std::vector<uint16_t> qb(G * H), p(G * ld, 0);
-  std::vector<__m512i> pairs((n + 1) / 2 * 2 * HV);  // all the values, interleaved
+  static thread_local std::vector<__m512i> pairs_buf;  // all the values, interleaved: reused, as zero-filling a
+  if (pairs_buf.size() < size_t((n + 1) / 2 * 2 * HV))  // new one for every token and KV head cost ~8%
+    pairs_buf.resize((n + 1) / 2 * 2 * HV);
+  __m512i* pairs = pairs_buf.data();
   for (int64_t i = 0; i < G * H; ++i) {  // q is bfloat16 held in float32: its top 16 bits
     uint32_t u;
     std::memcpy(&u, q + i, 4);
@@ -395,8 +398,13 @@ void paged_one_bf16(const float* q, const uint16_t* kv, const Paged& pg, int64_t
   auto block = [&](int64_t b0) { return kv + (pg.layer * pg.blocks + table[b0 / bs]) * bs * stride; };
   for (int64_t b0 = 0; b0 < n; b0 += bs) {  // a block's keys and values together: reading them in two passes was
     const uint16_t* b = block(b0);             // slower from memory (their rows are 2K * H apart)
+    if (b0 + bs < n) {  // the next block's keys and values: blocks lie anywhere, so the CPU cannot guess them
+      const char* next = reinterpret_cast<const char*>(block(b0 + bs) + 2 * kh * H);
+      for (int64_t s = 0; s < bs; ++s)
+        for (int64_t c = 0; c < 4 * H; c += 64) _mm_prefetch(next + s * stride * 2 + c, _MM_HINT_T0);
+    }
     scores_bf16<HV>(qb.data(), b + 2 * kh * H, std::min(bs, n - b0), G, stride, scale, scores.data() + b0, n);
-    interleave<HV>(b + (2 * kh + 1) * H, std::min(bs, n - b0), stride, pairs.data() + b0 / 2 * 2 * HV);
+    interleave<HV>(b + (2 * kh + 1) * H, std::min(bs, n - b0), stride, pairs + b0 / 2 * 2 * HV);
   }
   softmax(scores.data(), n, G, true);
   for (int64_t g = 0; g < G; ++g)
@@ -405,7 +413,7 @@ void paged_one_bf16(const float* q, const uint16_t* kv, const Paged& pg, int64_t
       std::memcpy(&u, &scores[g * n + s], 4);
       p[g * ld + s] = static_cast<uint16_t>(u >> 16);
     }
-  values_bf16<HV>(p.data(), ld, pairs.data(), (n + 1) / 2, G, acc.data());
+  values_bf16<HV>(p.data(), ld, pairs, (n + 1) / 2, G, acc.data());
   unscramble(acc.data(), G, H, out);
 }
 #endif
