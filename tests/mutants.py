@@ -137,6 +137,10 @@ MUTANTS = [
     Mutant("quads_without_offset_correction", "model/network/backends/cpu_gemv.cc",  # AVX-512 CPUs only
            "for (int j = 0; j < NR; ++j) t[j][bb] = c;", "for (int j = 0; j < NR; ++j) t[j][bb] = _mm512_setzero_si512();",
            ("tests/test_serve_engine.py::test_cpu_gemv_kernels",)),
+    Mutant("int8_quads_second_row_block_reads_the_first", "model/network/backends/cpu_gemv.cc",  # AVX-512 CPUs
+           "      for (int bb = 0; bb < MB; ++bb) xb[bb] = _mm512_loadu_si512(x + (bb * quads + p) * 16);",
+           "      for (int bb = 0; bb < MB; ++bb) xb[bb] = _mm512_loadu_si512(x + p * 16);",
+           ("tests/test_serve_engine.py::test_cpu_gemv_kernels",)),
     Mutant("bf16_attention_sums_misordered", "model/network/backends/cpu_attention.cc",  # AVX512-BF16 CPUs only
            "  return _mm512_add_ps(_mm512_shuffle_f32x4(v[0], v[1], 0x88), _mm512_shuffle_f32x4(v[0], v[1], 0xDD));",
            "  return _mm512_add_ps(_mm512_shuffle_f32x4(v[0], v[1], 0x88), _mm512_shuffle_f32x4(v[1], v[0], 0xDD));",
