@@ -233,16 +233,17 @@ class Driver:
         return float(np.mean([self.stamps[k][0] - self.submitted[k] for k in keys]))
 
 
-def steady_decode(eng, prompts: list[list[int]], window: int) -> float:
-    """Tokens/s of len(prompts) requests all decoding: measured over `window` engine steps after every
-    request has its first token."""
-    d = Driver(eng, 1000)
+def steady_decode(eng, prompts: list[list[int]], new_tokens: int) -> float:
+    """Tokens/s of len(prompts) requests all decoding, over as many tokens a request as batch-1 decode is timed
+    on (new_tokens - 1 after the first), at the same prompt length: from when every request has its first
+    token until they have made len(prompts) * (new_tokens - 1) more. (Over a fixed number of steps after
+    32-token prompts, the contexts were shorter than batch-1's, so attention weighed less than there.)"""
+    d = Driver(eng, 4 * new_tokens)  # prompts are prefilled in turns: the first ones run ahead meanwhile
     for i, p in enumerate(prompts):
         d.submit(i, p)
     d.run_until(lambda: all(d.stamps[i] for i in range(len(prompts))))
     n0, t0 = sum(len(s) for s in d.stamps.values()), time.perf_counter()
-    for _ in range(window):
-        eng.step()
+    d.run_until(lambda: sum(len(s) for s in d.stamps.values()) - n0 >= len(prompts) * (new_tokens - 1))
     rate = (sum(len(s) for s in d.stamps.values()) - n0) / (time.perf_counter() - t0)
     _cancel_all(eng)
     return rate
@@ -298,8 +299,8 @@ def capacity_ratio(block_size: int, max_len: int, short: int = 64, long: int = 1
             "paged_tokens_per_request": float(np.mean(per)), "ratio": max_len / float(np.mean(per))}
 
 
-def concurrency(ckpt: Path, dtype: str, quant: str | None, kv_dtype: str, new_tokens: int, block_size: int,
-                repeats: int, prefill_chunk: int = 128) -> dict:
+def concurrency(ckpt: Path, dtype: str, quant: str | None, kv_dtype: str, prompt_len: int, new_tokens: int,
+                block_size: int, repeats: int, prefill_chunk: int = 128) -> dict:
     """The issue-12 measurements on one engine (see the module docstring)."""
     import model
     from serve.config import EngineConfig
@@ -314,10 +315,12 @@ def concurrency(ckpt: Path, dtype: str, quant: str | None, kv_dtype: str, new_to
     def prompts(n, length):
         return [[int(t) for t in rng.integers(0, 256, length)] for _ in range(n)]
 
-    out = {"block_size": block_size, "prefill_chunk": prefill_chunk}
+    out = {"block_size": block_size, "prefill_chunk": prefill_chunk, "steady_prompt_tokens": prompt_len,
+           "steady_timed_tokens_per_request": new_tokens - 1}
     for n in (16, 64):
-        steady_decode(eng, prompts(n, 32), 4)  # compiles
-        out[f"steady_decode_{n}_tokens_per_s"] = max(steady_decode(eng, prompts(n, 32), 12) for _ in range(repeats))
+        steady_decode(eng, prompts(n, prompt_len), new_tokens)  # compiles
+        out[f"steady_decode_{n}_tokens_per_s"] = max(steady_decode(eng, prompts(n, prompt_len), new_tokens)
+                                                     for _ in range(repeats))
     long_prompt = prompts(1, 1024)[0]
     d = Driver(eng, 1)
     for i in range(2):  # the first compiles
@@ -482,8 +485,8 @@ def main(argv=None) -> int:
     results = {}
     for f in args.paged:
         dtype, quant = formats[f]
-        r = concurrency(ckpt, dtype, quant, args.kv_dtype, args.new_tokens, args.block_size, args.repeats,
-                        args.prefill_chunk)
+        r = concurrency(ckpt, dtype, quant, args.kv_dtype, args.prompt, args.new_tokens, args.block_size,
+                        args.repeats, args.prefill_chunk)
         flops = matmul_flops(dtype)
         params = matmul_params(ckpt, dtype, quant)
         emit(what="ours_paged", weights=f, **r, matmul_flops=flops,
