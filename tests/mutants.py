@@ -141,6 +141,10 @@ MUTANTS = [
            "      for (int bb = 0; bb < MB; ++bb) xb[bb] = _mm512_loadu_si512(x + (bb * quads + p) * 16);",
            "      for (int bb = 0; bb < MB; ++bb) xb[bb] = _mm512_loadu_si512(x + p * 16);",
            ("tests/test_serve_engine.py::test_cpu_gemv_kernels",)),
+    Mutant("int8_quads_offset_sum_of_the_first_block", "model/network/backends/cpu_gemv.cc",  # AVX-512 CPUs
+           "        for (int64_t k = 0; k < QB; ++k) sum += row[b * QB + k];",
+           "        for (int64_t k = 0; k < QB; ++k) sum += row[k];",
+           ("tests/test_serve_engine.py::test_cpu_gemv_kernels",)),
     Mutant("bf16_attention_sums_misordered", "model/network/backends/cpu_attention.cc",  # AVX512-BF16 CPUs only
            "  return _mm512_add_ps(_mm512_shuffle_f32x4(v[0], v[1], 0x88), _mm512_shuffle_f32x4(v[0], v[1], 0xDD));",
            "  return _mm512_add_ps(_mm512_shuffle_f32x4(v[0], v[1], 0x88), _mm512_shuffle_f32x4(v[1], v[0], 0xDD));",

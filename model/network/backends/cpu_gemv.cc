@@ -427,17 +427,17 @@ struct QuadX {
     q.assign(mblocks * quads * 64, 0);
     s.assign(mblocks * nb * 16, 0.0f);
     c.assign(mblocks * nb * 16, 0);
-    for (int64_t m = 0; m < M; ++m)
+    for (int64_t m = 0; m < M; ++m) {
+      const int8_t* row = xq.q.data() + m * K;
+      int8_t* dst = q.data() + (m / 16 * quads * 16 + m % 16) * 4;
+      for (int64_t p = 0; p < quads; ++p) std::memcpy(dst + p * 64, row + 4 * p, 4);  // a quad at a time
       for (int64_t b = 0; b < nb; ++b) {
-        const int8_t* row = xq.q.data() + m * K + b * QB;
         int32_t sum = 0;
-        for (int64_t k = 0; k < QB; ++k) {
-          q[((m / 16 * quads + (b * QB + k) / 4) * 16 + m % 16) * 4 + k % 4] = row[k];
-          sum += row[k];
-        }
+        for (int64_t k = 0; k < QB; ++k) sum += row[b * QB + k];
         s[(m / 16 * nb + b) * 16 + m % 16] = xq.s[m * nb + b];
         c[(m / 16 * nb + b) * 16 + m % 16] = -128 * sum;
       }
+    }
   }
 };
 
