@@ -76,13 +76,15 @@ class SamplingParams:
                 or self.min_tokens > 0)
 
 
-def sample(logits_BV, temperature_B, top_k_B, top_p_B, seed_B, counter_B, num_top: int = 0, penalties=None):
+def sample(logits_BV, temperature_B, top_k_B, top_p_B, seed_B, counter_B, num_top: int = 0, penalties=None,
+           stats=None):
     """-> (tokens [B] int32, logprob of each token [B], top ids [B, num_top], top logprobs [B, num_top]).
     With `penalties` (a `Penalties`), the tokens are drawn from the penalized logits; the log-probs are the
-    model's."""
+    model's. `stats` computes `logit_stats` (default: this module's, in XLA ops)."""
     x = logits_BV.astype(jnp.float32)  # the model's: what the log-probs report
     logits = x if penalties is None else penalties.apply(x, counter_B)
-    greedy = first_argmax(logits if penalties is not None else logits_BV)  # bf16 as it is: half the bytes
+    first, top, log_sum = (stats or logit_stats)(x)
+    greedy = first if penalties is None else first_argmax(logits)
     sampled_rows = temperature_B > 0
 
     def draw():
@@ -104,13 +106,19 @@ def sample(logits_BV, temperature_B, top_k_B, top_p_B, seed_B, counter_B, num_to
     drawn = jax.lax.cond(jnp.any(sampled_rows), draw, lambda: greedy)
     tokens = jnp.where(sampled_rows, drawn, greedy)
     # log_softmax(x)_i = (x_i - max) - log(sum(exp(x - max))), for the few i wanted: no [B, V] array of them
-    # (XLA:CPU materialized four, a tenth of a 64-row decode step)
-    top = jnp.max(x, axis=-1, keepdims=True)
-    log_sum = jnp.log(jnp.sum(jnp.exp(x - top), axis=-1, keepdims=True))
-    chosen = ((jnp.take_along_axis(x, tokens[:, None], axis=-1) - top) - log_sum)[:, 0]
+    chosen = (jnp.take_along_axis(x, tokens[:, None], axis=-1)[:, 0] - top) - log_sum
     top_ids, top_x = top_logprobs(x, num_top)
-    top_lp = (top_x - top) - log_sum
+    top_lp = (top_x - top[:, None]) - log_sum[:, None]
     return tokens, chosen, top_ids, top_lp
+
+
+def logit_stats(x_BV):
+    """Float32 logits [B, V] -> (first index of the largest value [B] int32: the greedy token; the largest
+    value [B]; log Σ exp(x − max) [B]): a token's log-prob is x − max − the last. On one CPU device the
+    engine passes model.network.backends.cpu_kernels.logit_stats instead, the same in one call (XLA:CPU
+    writes and reads back several [B, V] arrays here: ~3 ms of a 64-row decode token at a 32k vocabulary)."""
+    top = jnp.max(x_BV, axis=-1)
+    return first_argmax(x_BV), top, jnp.log(jnp.sum(jnp.exp(x_BV - top[:, None]), axis=-1))
 
 
 def top_logprobs(logprobs_BV, num_top: int):
@@ -238,9 +246,9 @@ class SamplingRows:
         f32, i32 = jnp.float32, jnp.int32
         return cls(*(jax.ShapeDtypeStruct((B,), d) for d in (f32, i32, f32, jnp.uint32, i32)))
 
-    def sample(self, logits_BV, num_top: int = 0):
+    def sample(self, logits_BV, num_top: int = 0, stats=None):
         return sample(logits_BV, self.temperature, self.top_k, self.top_p, self.seed, self.counter, num_top,
-                      self.penalties)
+                      self.penalties, stats)
 
     def next(self, tokens_B=None) -> SamplingRows:
         """The rows one token later (`tokens_B`, the sampled ones, extend the penalties' histories)."""

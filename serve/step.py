@@ -22,6 +22,7 @@ import numpy as np
 from flax import nnx
 
 from model.network import kv_cache, lora
+from model.network.backends import cpu_kernels
 from model.network.paged_attention import PagedMeta
 from serve import layout
 from serve import sampling
@@ -104,7 +105,8 @@ def step_fn(program: Program, weights, cache, batch: Batch, shape: StepShape):
             update = kv_cache.CacheUpdate(cache, batch.meta, program.attention, layers)
             at = jnp.arange(batch.tokens.shape[0]) if shape.prompt_logprobs else batch.last
             logits, cache = module(batch.tokens[None], batch.positions[None], cache=update, logits_at=at)
-            out = batch.sampling.sample(logits[batch.last, 0] if shape.prompt_logprobs else logits[:, 0], shape.num_top)
+            out = batch.sampling.sample(logits[batch.last, 0] if shape.prompt_logprobs else logits[:, 0], shape.num_top,
+                                        cpu_kernels.logit_stats if program.cpu_kernels else None)
             if shape.prompt_logprobs:  # gathered per token on device: [T] and [T, k] go to the host, not [T, V]
                 out += sampling.token_logprobs(logits[:, 0], batch.next_tokens, sampling.MAX_TOP_LOGPROBS)
             return out, cache

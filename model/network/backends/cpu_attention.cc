@@ -22,10 +22,13 @@
 #endif
 
 #include "xla/ffi/api/ffi.h"
+#include "cpu_common.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
+
+using llama_jax::exp_nonpositive;
 
 inline float bf16_bits_to_f32(uint16_t h) {
   uint32_t u = static_cast<uint32_t>(h) << 16;
@@ -50,26 +53,6 @@ template <>
 inline float load<uint16_t>(const uint16_t* p) { return bf16_bits_to_f32(*p); }
 template <>
 inline float load<int8_t>(const int8_t* p) { return static_cast<float>(*p); }
-
-// e^x for x <= 0 (scores minus their max), vectorisable: 2^n · p(r) with x = n·ln2 + r, |r| <= ln2/2,
-// p the degree-6 Taylor polynomial (relative error < 2e-7, about glibc's expf). std::exp is a scalar
-// library call: ~2,400 of them per decode step were most of this kernel's time.
-inline float exp_nonpositive(float x) {
-  x = std::max(x, -87.0f);
-  const float n = (x * 1.44269504f + 12582912.0f) - 12582912.0f;  // round to nearest (1.5 * 2^23 trick)
-  const float r = (x - n * 0.693145752f) - n * 1.42860677e-6f;
-  float p = 1.0f / 720;
-  p = p * r + 1.0f / 120;
-  p = p * r + 1.0f / 24;
-  p = p * r + 1.0f / 6;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float two_n;
-  std::memcpy(&two_n, &bits, 4);
-  return p * two_n;
-}
 
 // q . k over H.
 inline float dot(const float* a, const float* b, int64_t H) {
@@ -279,27 +262,8 @@ inline void softmax(float* scores, int64_t n, int64_t G, bool round_probs) {
 // under ~128 Ki (one sequence's few hundred keys) waking a thread costs what it saves.
 template <typename F>
 void parallel_for(ffi::ThreadPool* pool, int64_t items, int64_t work, F& one) {
-  const int64_t threads = pool && work >= (int64_t(1) << 17) ? std::min<int64_t>(pool->num_threads() + 1, items) : 1;
-  if (threads <= 1) {
-    for (int64_t i = 0; i < items; ++i) one(i);
-    return;
-  }
-  struct Shared {
-    std::atomic<int64_t> next{0}, done{0};
-  };
-  auto sh = std::make_shared<Shared>();
-  auto loop = [items, &one](Shared& s) {  // a pool thread that starts late finds nothing left to claim
-    for (int64_t i; (i = s.next.fetch_add(1)) < items;) {
-      one(i);
-      s.done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  for (int64_t w = 1; w < threads; ++w) pool->Schedule([sh, loop] { loop(*sh); });
-  loop(*sh);
-  while (sh->done.load(std::memory_order_acquire) < items) {
-  }
+  llama_jax::parallel(work >= (int64_t(1) << 17) ? pool : nullptr, items, one);
 }
-
 
 // ---------------------------------------------------------------------------------------------
 // Paged: the serving pool [L, num_blocks, block_size, 2K, H] (key head i at 2i, value head i at 2i + 1;

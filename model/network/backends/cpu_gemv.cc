@@ -40,10 +40,13 @@
 #endif
 
 #include "xla/ffi/api/ffi.h"
+#include "cpu_common.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
+
+using llama_jax::parallel;
 
 constexpr int64_t QB = 128;                 // activation quantization block (inputs)
 constexpr int64_t X_CACHE = 256 << 10;      // x rows per pass over the weights: this many bytes (L2)
@@ -54,38 +57,6 @@ inline float bf16_to_f32(uint16_t h) {
   float f;
   std::memcpy(&f, &u, 4);
   return f;
-}
-
-// Runs f(part) for part in [0, parts) on the calling thread and the pool's. Parts are claimed from a
-// counter, so a pool thread that starts late finds nothing left rather than being waited for.
-template <typename F>
-void parallel(ffi::ThreadPool* pool, int64_t parts, const F& f) {
-  const int64_t workers = pool ? std::min<int64_t>(pool->num_threads(), parts - 1) : 0;
-  if (workers <= 0) {
-    for (int64_t p = 0; p < parts; ++p) f(p);
-    return;
-  }
-  struct Shared {
-    std::atomic<int64_t> next{0}, done{0};
-    int64_t parts;
-    const F* f;
-  };
-  auto s = std::make_shared<Shared>();
-  s->parts = parts;
-  s->f = &f;
-  auto work = [](Shared& sh) {
-    for (int64_t p; (p = sh.next.fetch_add(1)) < sh.parts;) {
-      (*sh.f)(p);
-      sh.done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  for (int64_t w = 0; w < workers; ++w) pool->Schedule([s, work] { work(*s); });
-  work(*s);
-  while (s->done.load(std::memory_order_acquire) < parts) {
-#ifdef LLAMA_JAX_AVX512
-    _mm_pause();
-#endif
-  }
 }
 
 // One product's weight: wt [N, K], its scales (int8/int4) and its output y [M, N]. One call computes

@@ -1,5 +1,6 @@
 """Kernels for serving on one CPU device, as XLA custom calls built on first use: Dense products
-(cpu_gemv.cc) and attention over the KV cache (cpu_attention.cc), both beside this file.
+(cpu_gemv.cc), attention over the KV cache (cpu_attention.cc) and the logits' row statistics that sampling
+needs (cpu_logits.cc), all beside this file.
 
 XLA:CPU reads float32 weights at memory speed in a matrix-vector product, but not bfloat16, int8 or
 int4 ones: it first converts the whole weight to float32 (a copy written and read back: 5 to 40 times
@@ -42,7 +43,8 @@ from jax.sharding import Mesh
 
 log = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).with_name(n) for n in ("cpu_gemv.cc", "cpu_attention.cc")]
+SOURCES = [Path(__file__).with_name(n) for n in ("cpu_gemv.cc", "cpu_attention.cc", "cpu_logits.cc")]
+HEADERS = [Path(__file__).with_name("cpu_common.h")]
 LAYOUT = "out_in"  # metadata value (`cpu_layout`) of a packed kernel
 BLOCK = 128  # activation quantization block of the integer kernels
 _STATE: dict = {}
@@ -81,7 +83,7 @@ def _toolchain() -> tuple[str, list[str]]:
 def library_path(cxx: str, flags: list[str]) -> Path:
     """Where the library built from these sources, by this compiler (and its version), with these flags,
     for this CPU's features and this jax/jaxlib lives in the cache."""
-    parts = [b"".join(f.read_bytes() for f in SOURCES), cxx.encode(), " ".join(flags).encode(),
+    parts = [b"".join(f.read_bytes() for f in SOURCES + HEADERS), cxx.encode(), " ".join(flags).encode(),
              _compiler_version(cxx).encode(), _cpu_features().encode(), jax.__version__.encode(),
              jaxlib.__version__.encode()]
     key = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
@@ -150,7 +152,7 @@ def available() -> bool:
             _STATE["ok"] = False
             return False
         lib = ctypes.cdll.LoadLibrary(str(build()))
-        for name in ("llama_jax_gemv", "llama_jax_paged_attention"):
+        for name in ("llama_jax_gemv", "llama_jax_paged_attention", "llama_jax_logit_stats"):
             jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform="cpu")
         _STATE.update(ok=True, lib=lib)
     return _STATE["ok"]
@@ -235,3 +237,15 @@ def paged_attention(q_TNH, kv, scale, meta, layer=0) -> jax.Array:
     y = jax.ffi.ffi_call("llama_jax_paged_attention", out)(
         q_TNH.astype(jnp.float32), kv, scale, *i32, round_probs=int(q_TNH.dtype == jnp.bfloat16))
     return y.astype(q_TNH.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling's statistics of the logits (cpu_logits.cc)
+
+def logit_stats(x_BV):
+    """serve/sampling.py's `logit_stats` in one call: float32 logits [B, V] -> (first index of the largest
+    value [B] int32, the largest value [B], log Σ exp(x − max) [B])."""
+    B = x_BV.shape[0]
+    outs = (jax.ShapeDtypeStruct((B,), jnp.int32), jax.ShapeDtypeStruct((B,), jnp.float32),
+            jax.ShapeDtypeStruct((B,), jnp.float32))
+    return jax.ffi.ffi_call("llama_jax_logit_stats", outs)(x_BV.astype(jnp.float32))
