@@ -159,6 +159,15 @@ MUTANTS = [
            "  if (pairs_buf.empty())",
            ("tests/test_paged_kernels.py::test_cpu_paged_kernel_matches_the_references",
             "tests/test_paged_kernels.py::test_cpu_paged_kernel_bf16_blocks_of_16")),
+    Mutant("logit_stats_last_of_tied_maxima", "model/network/backends/cpu_logits.cc",  # AVX-512 CPUs only
+           "_mm512_cmp_ps_mask(xv, m, _CMP_GT_OQ)", "_mm512_cmp_ps_mask(xv, m, _CMP_GE_OQ)",
+           ("tests/test_serve_engine.py::test_cpu_logit_stats_kernel_equals_the_xla_path",)),
+    Mutant("logit_stats_tail_skipped", "model/network/backends/cpu_logits.cc",  # AVX-512 CPUs only
+           "  for (; v < V; ++v) {\n    s.nan", "  for (v = V; v < V; ++v) {\n    s.nan",
+           ("tests/test_serve_engine.py::test_cpu_logit_stats_kernel_equals_the_xla_path",)),
+    Mutant("logit_stats_sum_keeps_the_last_block", "model/network/backends/cpu_logits.cc",  # AVX-512 CPUs only
+           "    total = _mm512_add_ps(total, _mm512_add_ps(", "    total = (_mm512_add_ps(",
+           ("tests/test_serve_engine.py::test_cpu_logit_stats_kernel_equals_the_xla_path",)),
     Mutant("token_buckets_powers_only", "serve/scheduler.py",
            "    return min(b * 3 // 4 if b % 4 == 0 and b * 3 // 4 >= n else b, hi)",
            "    return min(b, hi)",
