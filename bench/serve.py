@@ -13,6 +13,9 @@ Measured:
   - roofline: copy bandwidth / weight bytes read per token (every weight but the embedding table,
     int4 packed, scales included), and our fraction of it;
   - aggregate tokens/s with 16 concurrent requests, and time to first token (batch 1 and under load);
+  - --paged: steady decode at 16 and 64 requests, prefill rate, a long prompt's interruption, shared-prefix
+    TTFT; and capacity: the most requests running at once in a pool of a fixed-slot engine's bytes (8 slots
+    x 2,048 tokens), measured at 1:1 and 1:3 mixes of 1,500- and 64-token prompts, and the block arithmetic;
   - several LoRA adapters (--lora): 16 concurrent requests spread over 8 adapters vs the same load on one
     adapter (same engine, adapter slots of serve/adapters.py), and batch-1 decode with an adapter vs an
     engine without adapter slots (targets: >= 70% and within 15%).
@@ -299,6 +302,34 @@ def capacity_ratio(block_size: int, max_len: int, short: int = 64, long: int = 1
             "paged_tokens_per_request": float(np.mean(per)), "ratio": max_len / float(np.mean(per))}
 
 
+def capacity(ckpt: Path, long_share: float, n: int, slots: int = 8, max_len: int = 2048, short: int = 64,
+             long: int = 1500, new_tokens: int = 64, block_size: int = 16, prefill_chunk: int = 128) -> dict:
+    """Requests held at once by the KV bytes of a fixed-slot engine (`slots` x `max_len` tokens), measured: an
+    engine whose pool holds that many tokens runs n requests (a `long_share` of them long prompts, shuffled,
+    each with new_tokens of completion, all submitted at once) and records the most that were running together
+    (and preemptions). The fixed-slot engine holds `slots`, whatever the mix."""
+    import model
+    from serve.config import EngineConfig
+    from serve.engine import Engine
+
+    m = model.load(ckpt, dtype="bfloat16")  # the count is block accounting: any weights do
+    eng = Engine(m, _tokenizer(m), EngineConfig(max_slots=64, max_len=max_len, kv_tokens=slots * max_len,
+                                            prefill_chunk=prefill_chunk, prefill_tokens=2 * prefill_chunk,
+                                            block_size=block_size))
+    rng = np.random.default_rng(11)
+    lengths = [long] * round(long_share * n) + [short] * (n - round(long_share * n))
+    rng.shuffle(lengths)
+    d = Driver(eng, new_tokens)
+    for i, length in enumerate(lengths):
+        d.submit(i, [int(t) for t in rng.integers(0, 256, length)])
+    peak = 0
+    while d.done < set(d.stamps):
+        eng.step()
+        peak = max(peak, len(eng.scheduler.running))
+    return {"long_share": long_share, "requests": n, "pool_tokens": slots * max_len, "fixed_slots": slots,
+            "peak_running": peak, "ratio": peak / slots, "preemptions": eng.scheduler.stats["preemptions"]}
+
+
 def concurrency(ckpt: Path, dtype: str, quant: str | None, kv_dtype: str, prompt_len: int, new_tokens: int,
                 block_size: int, repeats: int, prefill_chunk: int = 128) -> dict:
     """The issue-12 measurements on one engine (see the module docstring)."""
@@ -336,7 +367,6 @@ def concurrency(ckpt: Path, dtype: str, quant: str | None, kv_dtype: str, prompt
     out["shared_prefix_ttft_on_s"] = shared_prefix(eng, prompts(1, 1024)[0], 16, True)
     out["shared_prefix_speedup"] = out["shared_prefix_ttft_off_s"] / out["shared_prefix_ttft_on_s"]
     out["pool"] = eng.pool_stats()
-    out["capacity"] = capacity_ratio(block_size, 2048)
     return out
 
 
@@ -491,6 +521,9 @@ def main(argv=None) -> int:
         params = matmul_params(ckpt, dtype, quant)
         emit(what="ours_paged", weights=f, **r, matmul_flops=flops,
              prefill_fraction_of_matmul=2 * params * r["prefill_tokens_per_s"] / flops, load_avg=os.getloadavg())
+    if args.paged:  # the same for every weight format
+        emit(what="capacity", arithmetic=capacity_ratio(args.block_size, 2048),
+             measured=[capacity(ckpt, share, n, block_size=args.block_size) for share, n in ((0.5, 24), (0.25, 48))])
     for f in args.lora:
         dtype, quant = formats[f]
         emit(what="ours_multi_lora", weights=f, **multi_lora(ckpt, dtype, prompt, args.new_tokens, args.repeats,
