@@ -168,6 +168,9 @@ MUTANTS = [
     Mutant("logit_stats_sum_keeps_the_last_block", "model/network/backends/cpu_logits.cc",  # AVX-512 CPUs only
            "    total = _mm512_add_ps(total, _mm512_add_ps(", "    total = (_mm512_add_ps(",
            ("tests/test_serve_engine.py::test_cpu_logit_stats_kernel_equals_the_xla_path",)),
+    Mutant("step_samples_without_the_logit_stats_kernel", "serve/step.py",
+           "cpu_kernels.logit_stats if program.cpu_kernels else None", "None",
+           ("tests/test_serve_engine.py::test_quantized_weights",)),
     Mutant("token_buckets_powers_only", "serve/scheduler.py",
            "    return min(b * 3 // 4 if b % 4 == 0 and b * 3 // 4 >= n else b, hi)",
            "    return min(b, hi)",

@@ -288,13 +288,17 @@ def test_int8_kv_cache(hf, one_device):
 @pytest.mark.parametrize("dtype,quant,wide", [("float32", "int8", False), ("float32", "int8", True),
                                              ("float32", "int4-g32", False), ("float32", "int4", True),
                                              ("bfloat16", None, False)])
-def test_quantized_weights(hf, hf_checkpoint, one_device, dtype, quant, wide):
+def test_quantized_weights(hf, hf_checkpoint, one_device, dtype, quant, wide, monkeypatch):
     """The engine over int8/int4/bf16 weights gives the tokens of the same model run without a cache (XLA's
     dot). On one CPU device the engine runs unrolled layers with model/cpu_gemv.cc (`wide`: dims that the
-    integer kernels take; otherwise those layers stay with XLA) and a 16-bit cache as bits."""
+    integer kernels take; otherwise those layers stay with XLA), a 16-bit cache as bits, and samples with
+    cpu_logits.cc's row statistics."""
     from model.network.backends import cpu_kernels
     from model.network.dense import Dense
 
+    traced = []
+    kernel = cpu_kernels.logit_stats
+    monkeypatch.setattr(cpu_kernels, "logit_stats", lambda x: traced.append(x.shape) or kernel(x))
     path = hf_checkpoint(dim=128, mlp=256, heads=4, kv_heads=2, head_dim=32)[0] if wide else hf[0]
     m = model.load(path, dtype=dtype, quant=quant, mesh=one_device)
     e = Engine(m, ByteTokenizer(), EngineConfig(**{**CFG.__dict__, "max_slots": 2}))
@@ -305,6 +309,8 @@ def test_quantized_weights(hf, hf_checkpoint, one_device, dtype, quant, wide):
         packed = [cpu_kernels.is_packed(d) for _, d in nnx.iter_graph(layer) if isinstance(d, Dense)]
         assert all(packed) if (wide or quant is None) else not any(packed), packed
     ps = prompts([14, 14], seed=10)
+    e.generate(ps[:1], SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))
+    assert bool(traced) == e.cpu_kernels  # the step's sampling took the kernel
     if wide and e.cpu_kernels:  # int8 activations in the integer kernels: the same distribution, not bits
         res = e.generate(ps, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=0))
         for p, r in zip(ps, res):  # XLA's float-activation logits along the engine's own greedy path
