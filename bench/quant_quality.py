@@ -87,7 +87,7 @@ def serving_forward(graphdef, state, cfg):
         update = kv_cache.CacheUpdate(cache, meta, paged_attention.choose(None, kv_dtype, cfg.head_dim, True), layers)
         positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T)).reshape(1, -1)
         logits, _ = module(tokens.reshape(1, -1), positions, cache=update)
-        return logits.reshape(B, T, -1)
+        return logits.reshape(B, T, -1).astype(jnp.float32)
 
     return lambda _, tokens: fwd(weights, tokens)
 

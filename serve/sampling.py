@@ -80,14 +80,17 @@ def sample(logits_BV, temperature_B, top_k_B, top_p_B, seed_B, counter_B, num_to
            stats=None):
     """-> (tokens [B] int32, logprob of each token [B], top ids [B, num_top], top logprobs [B, num_top]).
     With `penalties` (a `Penalties`), the tokens are drawn from the penalized logits; the log-probs are the
-    model's. `stats` computes `logit_stats` (default: this module's, in XLA ops)."""
+    model's. `stats` computes `logit_stats` (default: this module's, in XLA ops). `logits_BV` may be in the
+    model's compute dtype: nothing below makes a float32 [B, V] copy unless it is used (a drawn row, top
+    log-probs, penalties)."""
     x = logits_BV.astype(jnp.float32)  # the model's: what the log-probs report
-    logits = x if penalties is None else penalties.apply(x, counter_B)
-    first, top, log_sum = (stats or logit_stats)(x)
-    greedy = first if penalties is None else first_argmax(logits)
+    penalized = None if penalties is None else penalties.apply(x, counter_B)
+    first, top, log_sum = (stats or logit_stats)(logits_BV)
+    greedy = first if penalized is None else first_argmax(penalized)
     sampled_rows = temperature_B > 0
 
-    def draw():
+    def draw():  # converts inside the branch: a greedy step never writes the float32 copy
+        logits = logits_BV.astype(jnp.float32) if penalized is None else penalized
         V = logits.shape[-1]
         z = logits / jnp.maximum(temperature_B, 1e-6)[:, None]
         desc = -jnp.sort(-z, axis=-1)  # [B, V], largest first
@@ -106,19 +109,20 @@ def sample(logits_BV, temperature_B, top_k_B, top_p_B, seed_B, counter_B, num_to
     drawn = jax.lax.cond(jnp.any(sampled_rows), draw, lambda: greedy)
     tokens = jnp.where(sampled_rows, drawn, greedy)
     # log_softmax(x)_i = (x_i - max) - log(sum(exp(x - max))), for the few i wanted: no [B, V] array of them
-    chosen = (jnp.take_along_axis(x, tokens[:, None], axis=-1)[:, 0] - top) - log_sum
+    chosen = (jnp.take_along_axis(logits_BV, tokens[:, None], axis=-1)[:, 0].astype(jnp.float32) - top) - log_sum
     top_ids, top_x = top_logprobs(x, num_top)
     top_lp = (top_x - top[:, None]) - log_sum[:, None]
     return tokens, chosen, top_ids, top_lp
 
 
 def logit_stats(x_BV):
-    """Float32 logits [B, V] -> (first index of the largest value [B] int32: the greedy token; the largest
+    """Logits [B, V] -> (first index of the largest value [B] int32: the greedy token; the largest
     value [B]; log Σ exp(x − max) [B]): a token's log-prob is x − max − the last. On one CPU device the
     engine passes model.network.backends.cpu_kernels.logit_stats instead, the same in one call (XLA:CPU
     writes and reads back several [B, V] arrays here: ~3 ms of a 64-row decode token at a 32k vocabulary)."""
-    top = jnp.max(x_BV, axis=-1)
-    return first_argmax(x_BV), top, jnp.log(jnp.sum(jnp.exp(x_BV - top[:, None]), axis=-1))
+    x = x_BV.astype(jnp.float32)
+    top = jnp.max(x, axis=-1)
+    return first_argmax(x), top, jnp.log(jnp.sum(jnp.exp(x - top[:, None]), axis=-1))
 
 
 def top_logprobs(logprobs_BV, num_top: int):

@@ -43,6 +43,11 @@ MUTANTS = [
            "    top = jnp.max(x_BV, axis=-1, keepdims=True)\n",
            "    top = jnp.max(x_BV, axis=-1, keepdims=True)\n"
            "    top = jnp.max(jnp.where(x_BV == top, -jnp.inf, x_BV), axis=-1, keepdims=True)\n",
+           # XLA's path: engines on several devices or accelerators (one CPU device takes cpu_logits.cc)
+           ("tests/test_serve_engine.py::test_greedy_matches_transformers_batch1",
+            "tests/test_serve_engine.py::test_cpu_logit_stats_kernel_equals_the_xla_path")),
+    Mutant("logit_stats_kernel_greedy_token_off", "model/network/backends/cpu_logits.cc",  # AVX-512 CPUs only
+           "    mi = _mm512_mask_mov_epi32(mi, gt, idx);", "    mi = _mm512_mask_mov_epi32(mi, gt, _mm512_add_epi32(idx, _mm512_set1_epi32(1)));",
            ("tests/test_serve_parity.py::test_greedy_completion_equals_transformers_batch_1",
             "tests/test_serve_parity.py::test_greedy_chat_equals_transformers",
             "tests/test_serve_api.py::test_completion_and_chat")),
@@ -187,8 +192,8 @@ MUTANTS = [
            "if (three && n1 - n >= 8) tile_pairs<8, 3>(", "if (three && n1 - n >= 8) tile_pairs<8, 2>(",
            ("tests/test_serve_engine.py::test_cpu_gemv_kernels",)),
     Mutant("logprob_without_log_sum", "serve/sampling.py",  # the shifted logit taken for the log-prob
-           "    chosen = ((jnp.take_along_axis(x, tokens[:, None], axis=-1) - top) - log_sum)[:, 0]",
-           "    chosen = (jnp.take_along_axis(x, tokens[:, None], axis=-1) - top)[:, 0]",
+           "    chosen = (jnp.take_along_axis(logits_BV, tokens[:, None], axis=-1)[:, 0].astype(jnp.float32) - top) - log_sum",
+           "    chosen = (jnp.take_along_axis(logits_BV, tokens[:, None], axis=-1)[:, 0].astype(jnp.float32) - top)",
            ("tests/test_serve_parity.py::test_greedy_chat_equals_transformers",)),
 ]
 

@@ -218,12 +218,14 @@ def test_sample_distribution():
     assert (np.asarray(tok) == 0).all()  # temperature 0: argmax
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("B,V", [(64, 32768), (3, 1000), (2, 7)])
-def test_cpu_logit_stats_kernel_equals_the_xla_path(B, V):
+def test_cpu_logit_stats_kernel_equals_the_xla_path(B, V, dtype):
     """model/network/backends/cpu_logits.cc against serve/sampling.py's XLA `logit_stats`: the greedy token
     and the max exactly; log Σ exp(x − max) within 1e-6 of float64's (float32 sums, the exponential's 2e-7).
     Rows with the max tied at several places (in different vector lanes, and in the tail past the last 16),
-    all -inf, a NaN, +inf; 64 x 32k rows run threaded; V = 1000 has a tail of 8, V = 7 is all tail."""
+    all -inf, a NaN, +inf; 64 x 32k rows run threaded; V = 1000 has a tail of 8, V = 7 is all tail. bfloat16
+    logits (the serving step's, read as they are) make many more ties."""
     from model.network.backends import cpu_kernels
     from serve.sampling import logit_stats
 
@@ -241,6 +243,7 @@ def test_cpu_logit_stats_kernel_equals_the_xla_path(B, V):
         x[B - 1, V // 2] = np.nan
     if B > 3:
         x[3, V - 2] = np.inf
+    x = np.asarray(jax.numpy.asarray(x, dtype))
     got = [np.asarray(a) for a in jax.jit(cpu_kernels.logit_stats)(x)]
     want = [np.asarray(a) for a in jax.jit(logit_stats)(x)]
     if B > 2:  # jnp.max's NaN propagation (XLA:CPU's reduction drops the NaN in 32k rows: not compared)
@@ -249,7 +252,7 @@ def test_cpu_logit_stats_kernel_equals_the_xla_path(B, V):
     np.testing.assert_array_equal(got[0], want[0])
     np.testing.assert_array_equal(got[1], want[1])  # -inf, +inf rows as XLA gives them
     assert got[0][0] == 2 and got[0][1] == (V - 3 if V > 16 else 1)
-    x64 = x[:len(got[2])].astype(np.float64)
+    x64 = x[:len(got[2])].astype(np.float32).astype(np.float64)
     with np.errstate(invalid="ignore"):
         exact = np.log(np.exp(x64 - x64.max(-1, keepdims=True)).sum(-1))
     np.testing.assert_allclose(got[2], exact, rtol=0, atol=1e-6)  # measured <= 4.1e-7 (XLA <= 2.6e-7)

@@ -243,9 +243,10 @@ def paged_attention(q_TNH, kv, scale, meta, layer=0) -> jax.Array:
 # Sampling's statistics of the logits (cpu_logits.cc)
 
 def logit_stats(x_BV):
-    """serve/sampling.py's `logit_stats` in one call: float32 logits [B, V] -> (first index of the largest
-    value [B] int32, the largest value [B], log Σ exp(x − max) [B])."""
+    """serve/sampling.py's `logit_stats` in one call: logits [B, V] (bfloat16 read as they are, else as
+    float32) -> (first index of the largest value [B] int32, the largest value [B], log Σ exp(x − max) [B])."""
     B = x_BV.shape[0]
     outs = (jax.ShapeDtypeStruct((B,), jnp.int32), jax.ShapeDtypeStruct((B,), jnp.float32),
             jax.ShapeDtypeStruct((B,), jnp.float32))
-    return jax.ffi.ffi_call("llama_jax_logit_stats", outs)(x_BV.astype(jnp.float32))
+    x = x_BV if x_BV.dtype == jnp.bfloat16 else x_BV.astype(jnp.float32)
+    return jax.ffi.ffi_call("llama_jax_logit_stats", outs)(x)

@@ -1,4 +1,4 @@
-// What sampling needs from each row of a step's float32 logits [B, V], in one call (`llama_jax_logit_stats`):
+// What sampling needs from each row of a step's logits [B, V] (float32 or bfloat16), in one call (`llama_jax_logit_stats`):
 // the first index of the largest value (the greedy token), the largest value, and log Σ exp(x − max) (the
 // log-softmax's normalizer: a token's log-prob is x − max − that).
 //
@@ -12,6 +12,7 @@
 // the exponential's relative error < 2e-7).
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #ifdef __AVX512F__
 #include <immintrin.h>
@@ -30,7 +31,20 @@ struct Stats {
   bool nan;
 };
 
+inline float widen(float v) { return v; }
+inline float widen(uint16_t h) {  // bfloat16 bits
+  const uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
 #ifdef __AVX512F__
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const uint16_t* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+
 // e^x for 16 lanes of x <= 0: llama_jax::exp_nonpositive's arithmetic, 2^n applied by scalef.
 inline __m512 exp16(__m512 x) {
   x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
@@ -44,13 +58,14 @@ inline __m512 exp16(__m512 x) {
 
 // 16 lanes, each keeping its largest value and where it first saw it; then the lanes at the overall max
 // give the smallest index. Elements past the last full vector: the scalar tail (later indices).
-Stats scan(const float* x, int64_t V) {
+template <typename T>
+Stats scan(const T* x, int64_t V) {
   __m512 m = _mm512_set1_ps(-INFINITY);
   __m512i mi = _mm512_setzero_si512(), idx = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   __mmask16 nan = 0;
   int64_t v = 0;
   for (; v + 16 <= V; v += 16) {
-    const __m512 xv = _mm512_loadu_ps(x + v);
+    const __m512 xv = load16(x + v);
     const __mmask16 gt = _mm512_cmp_ps_mask(xv, m, _CMP_GT_OQ);
     m = _mm512_mask_mov_ps(m, gt, xv);
     mi = _mm512_mask_mov_epi32(mi, gt, idx);
@@ -66,17 +81,19 @@ Stats scan(const float* x, int64_t V) {
   for (int j = 0; j < 16; ++j)
     if (lane_max[j] == s.top) s.first = std::min(s.first, lane_at[j]);
   for (; v < V; ++v) {
-    s.nan |= std::isnan(x[v]);
-    if (x[v] > s.top) s.top = x[v], s.first = int32_t(v);
+    const float xf = widen(x[v]);
+    s.nan |= std::isnan(xf);
+    if (xf > s.top) s.top = xf, s.first = int32_t(v);
   }
   return s;
 }
 
 // Summed in blocks of 256 (four accumulators), the blocks' sums added to a total: a single running sum of
 // 2,048 terms a lane was 2e-6 off in a 32k row's log-sum, this ~1e-7 as XLA's.
-float sum_exp(const float* x, int64_t V, float top) {
+template <typename T>
+float sum_exp(const T* x, int64_t V, float top) {
   const __m512 t = _mm512_set1_ps(top);
-  auto e = [&](int64_t v) { return exp16(_mm512_sub_ps(_mm512_loadu_ps(x + v), t)); };
+  auto e = [&](int64_t v) { return exp16(_mm512_sub_ps(load16(x + v), t)); };
   __m512 total = _mm512_setzero_ps();
   int64_t v = 0;
   for (; v + 256 <= V; v += 256) {
@@ -87,35 +104,39 @@ float sum_exp(const float* x, int64_t V, float top) {
   }
   for (; v + 16 <= V; v += 16) total = _mm512_add_ps(total, e(v));
   float sum = _mm512_reduce_add_ps(total);
-  for (; v < V; ++v) sum += llama_jax::exp_nonpositive(x[v] - top);
+  for (; v < V; ++v) sum += llama_jax::exp_nonpositive(widen(x[v]) - top);
   return sum;
 }
 #else
-Stats scan(const float* x, int64_t V) {
-  Stats s{0, x[0], std::isnan(x[0])};
+template <typename T>
+Stats scan(const T* x, int64_t V) {
+  Stats s{0, widen(x[0]), std::isnan(widen(x[0]))};
   for (int64_t v = 1; v < V; ++v) {
-    s.nan |= std::isnan(x[v]);
-    if (x[v] > s.top) s.top = x[v], s.first = int32_t(v);
+    const float xf = widen(x[v]);
+    s.nan |= std::isnan(xf);
+    if (xf > s.top) s.top = xf, s.first = int32_t(v);
   }
   return s;
 }
 
-float sum_exp(const float* x, int64_t V, float top) {  // 16 partial sums a block of 256, as above
+template <typename T>
+float sum_exp(const T* x, int64_t V, float top) {  // 16 partial sums a block of 256, as above
   float total[16] = {}, sum = 0.0f;
   int64_t v = 0;
   for (; v + 256 <= V; v += 256) {
     float part[16] = {};
     for (int64_t u = v; u < v + 256; u += 16)
-      for (int j = 0; j < 16; ++j) part[j] += llama_jax::exp_nonpositive(x[u + j] - top);
+      for (int j = 0; j < 16; ++j) part[j] += llama_jax::exp_nonpositive(widen(x[u + j]) - top);
     for (int j = 0; j < 16; ++j) total[j] += part[j];
   }
-  for (; v < V; ++v) sum += llama_jax::exp_nonpositive(x[v] - top);
+  for (; v < V; ++v) sum += llama_jax::exp_nonpositive(widen(x[v]) - top);
   for (int j = 0; j < 16; ++j) sum += total[j];
   return sum;
 }
 #endif
 
-void row(const float* x, int64_t V, int32_t* first, float* top, float* log_sum) {
+template <typename T>
+void row(const T* x, int64_t V, int32_t* first, float* top, float* log_sum) {
   const Stats s = scan(x, V);
   if (s.nan) {
     *first = int32_t(V - 1), *top = NAN, *log_sum = NAN;
@@ -125,24 +146,31 @@ void row(const float* x, int64_t V, int32_t* first, float* top, float* log_sum) 
   *log_sum = std::isfinite(s.top) ? std::log(sum_exp(x, V, s.top)) : NAN;  // as exp(x - max) gives for ±inf
 }
 
-// x f32 [B, V] -> first s32 [B], top f32 [B], log_sum f32 [B]
-ffi::Error LogitStats(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Result<ffi::Buffer<ffi::S32>> first,
+template <typename T>
+void run(ffi::ThreadPool* pool, const T* x, int64_t B, int64_t V, int32_t* first, float* top, float* log_sum) {
+  auto one = [&](int64_t b) { row(x + b * V, V, first + b, top + b, log_sum + b); };
+  llama_jax::parallel(B * V >= (int64_t(1) << 17) ? pool : nullptr, B, one);  // one 32k row: not worth a thread
+}
+
+// x f32 or bf16 [B, V] -> first s32 [B], top f32 [B], log_sum f32 [B]
+ffi::Error LogitStats(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Result<ffi::Buffer<ffi::S32>> first,
                       ffi::Result<ffi::Buffer<ffi::F32>> top, ffi::Result<ffi::Buffer<ffi::F32>> log_sum) {
   const auto d = x.dimensions();
+  const auto et = x.element_type();
   if (d.size() != 2 || d[1] < 1 || first->element_count() != d[0] || top->element_count() != d[0] ||
-      log_sum->element_count() != d[0])
-    return ffi::Error::InvalidArgument("cpu_logit_stats: expected x [B, V] (V >= 1) and three [B] outputs");
-  const int64_t B = d[0], V = d[1];
-  const float* xp = x.typed_data();
+      log_sum->element_count() != d[0] || (et != ffi::DataType::F32 && et != ffi::DataType::BF16))
+    return ffi::Error::InvalidArgument("cpu_logit_stats: expected x [B, V] (V >= 1), f32 or bf16, and three [B] outputs");
   int32_t* fp = first->typed_data();
   float *tp = top->typed_data(), *lp = log_sum->typed_data();
-  auto one = [&](int64_t b) { row(xp + b * V, V, fp + b, tp + b, lp + b); };
-  llama_jax::parallel(B * V >= (int64_t(1) << 17) ? &pool : nullptr, B, one);  // one 32k row: not worth a thread
+  if (et == ffi::DataType::F32)
+    run(&pool, static_cast<const float*>(x.untyped_data()), d[0], d[1], fp, tp, lp);
+  else
+    run(&pool, static_cast<const uint16_t*>(x.untyped_data()), d[0], d[1], fp, tp, lp);
   return ffi::Error::Success();
 }
 
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(llama_jax_logit_stats, LogitStats,
-                              ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::Buffer<ffi::F32>>()
+                              ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::Buffer<ffi::S32>>().Ret<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::F32>>());
