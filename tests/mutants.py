@@ -168,7 +168,7 @@ MUTANTS = [
            "_mm512_cmp_ps_mask(xv, m, _CMP_GT_OQ)", "_mm512_cmp_ps_mask(xv, m, _CMP_GE_OQ)",
            ("tests/test_serve_engine.py::test_cpu_logit_stats_kernel_equals_the_xla_path",)),
     Mutant("logit_stats_tail_skipped", "model/network/backends/cpu_logits.cc",  # AVX-512 CPUs only
-           "  for (; v < V; ++v) {\n    s.nan", "  for (v = V; v < V; ++v) {\n    s.nan",
+           "  for (; v < V; ++v) {\n    const float xf", "  for (v = V; v < V; ++v) {\n    const float xf",
            ("tests/test_serve_engine.py::test_cpu_logit_stats_kernel_equals_the_xla_path",)),
     Mutant("logit_stats_sum_keeps_the_last_block", "model/network/backends/cpu_logits.cc",  # AVX-512 CPUs only
            "    total = _mm512_add_ps(total, _mm512_add_ps(", "    total = (_mm512_add_ps(",
