@@ -1,12 +1,13 @@
 """The engine's dense products on one CPU device (model/network/backends/cpu_gemv.cc) against XLA's dot of
 the same shape, in the same run: GFLOP/s per weight format and row count. Prints one JSON line each.
 
-    python bench/cpu_gemv.py [--formats bf16 int8] [--rows 1 16 64 256]
+    python bench/cpu_gemv.py [--formats bf16 int8 int4] [--rows 1 16 64 256]
 
 The products are those of one bench-shape layer (../shared/reference/anchors.md): gate and up in one call
 ([1024 -> 2 x 3584]) and down ([3584 -> 1024]). `--copies N` cycles through N copies of the weights so that
 they stream from memory as a whole model's do (the default, 8, is ~180 MB in bf16: past any L3 here).
-The peer is XLA's bf16 dot (x bf16 . w bf16, float32 results) on the same weights, for both formats.
+int4 weights have a scale per group of 128 inputs. The peer is XLA's bf16 dot (x bf16 . w bf16, float32
+results) on the same weights, for every format.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import numpy as np  # noqa: E402
 from model.network.backends import cpu_kernels  # noqa: E402
 
 SHAPES = [(1024, (3584, 3584)), (3584, (1024,))]  # (K, the call's outputs)
+GROUP = 128  # int4 quantization group (inputs)
 
 
 def best_time(f, args_list, repeats: int = 5) -> float:
@@ -48,23 +50,28 @@ def weights(rng, fmt: str, K: int, N: int):
     w = rng.standard_normal((N, K)).astype(np.float32) * 0.02
     if fmt == "bf16":
         return jnp.asarray(w, jnp.bfloat16), None
+    if fmt == "int4":  # groups of GROUP inputs, as the int4 formats quantize
+        wg = w.reshape(N, K // GROUP, GROUP)
+        s = np.abs(wg).max(-1) / 7
+        q = np.clip(np.rint(wg / s[..., None]), -8, 7).reshape(N, K)
+        return jnp.asarray(q, jnp.int4), jnp.asarray(s, jnp.float32)
     s = np.abs(w).max(1) / 127
     return jnp.asarray(np.rint(w / s[:, None]), jnp.int8), jnp.asarray(s, jnp.float32)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--formats", nargs="*", default=["bf16", "int8"], choices=["bf16", "int8"])
+    p.add_argument("--formats", nargs="*", default=["bf16", "int8"], choices=["bf16", "int8", "int4"])
     p.add_argument("--rows", nargs="*", type=int, default=[1, 16, 64, 256])
     p.add_argument("--copies", type=int, default=8)
     args = p.parse_args(argv)
     if not cpu_kernels.available():
         raise SystemExit("the CPU kernels could not be built (a C++ compiler is needed)")
     rng = np.random.default_rng(0)
-    ours = jax.jit(lambda x, ws: cpu_kernels.gemv(x, ws))
     peer = jax.jit(lambda x, ws: [jnp.dot(x, w.T.astype(jnp.bfloat16), preferred_element_type=jnp.float32)
                                   for w, _ in ws])
     for fmt in args.formats:
+        ours = jax.jit(lambda x, ws, g=GROUP if fmt == "int4" else 0: cpu_kernels.gemv(x, ws, g))
         layers = [[[weights(rng, fmt, K, N) for N in Ns] for K, Ns in SHAPES] for _ in range(args.copies)]
         for M in args.rows:
             xs = [jnp.asarray(rng.standard_normal((M, K)), jnp.float32) for K, _ in SHAPES]

@@ -150,6 +150,12 @@ MUTANTS = [
            "        for (int64_t k = 0; k < QB; ++k) sum += row[b * QB + k];",
            "        for (int64_t k = 0; k < QB; ++k) sum += row[k];",
            ("tests/test_serve_engine.py::test_cpu_gemv_kernels",)),
+    Mutant("int4_quads_nibble_halves_swapped", "model/network/backends/cpu_gemv.cc",  # AVX-512 CPUs only
+           "^ 0x88888888u) >> (4 * half);", "^ 0x88888888u) >> (4 * (1 - half));",
+           ("tests/test_serve_engine.py::test_cpu_gemv_kernels",)),
+    Mutant("int4_quads_scale_of_the_first_group", "model/network/backends/cpu_gemv.cc",  # AVX-512 CPUs only
+           "scale[(n0 + j) * (K / group) + b * QB / group]", "scale[(n0 + j) * (K / group)]",
+           ("tests/test_serve_engine.py::test_cpu_gemv_kernels",)),
     Mutant("bf16_attention_sums_misordered", "model/network/backends/cpu_attention.cc",  # AVX512-BF16 CPUs only
            "  return _mm512_add_ps(_mm512_shuffle_f32x4(v[0], v[1], 0x88), _mm512_shuffle_f32x4(v[0], v[1], 0xDD));",
            "  return _mm512_add_ps(_mm512_shuffle_f32x4(v[0], v[1], 0x88), _mm512_shuffle_f32x4(v[1], v[0], 0xDD));",

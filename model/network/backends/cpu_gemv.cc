@@ -391,9 +391,9 @@ void run_pairs(ffi::ThreadPool* pool, const uint16_t* x, const std::vector<Seg>&
 struct QuadX {
   std::vector<int8_t> q;   // [mblocks, K/4, 16, 4]
   std::vector<float> s;    // [mblocks, K/128, 16]: the rows' block scales (0 for padding rows)
-  std::vector<int32_t> c;  // [mblocks, K/128, 16]: -128 x the sum of the row's block of q
+  std::vector<int32_t> c;  // [mblocks, K/128, 16]: -offset x the sum of the row's block of q
 
-  QuadX(const QuantX& xq, int64_t M, int64_t K) {
+  QuadX(const QuantX& xq, int64_t M, int64_t K, int32_t offset) {  // offset: what makes the weights unsigned
     const int64_t mblocks = (M + 15) / 16, quads = K / 4, nb = K / QB;
     q.assign(mblocks * quads * 64, 0);
     s.assign(mblocks * nb * 16, 0.0f);
@@ -406,19 +406,24 @@ struct QuadX {
         int32_t sum = 0;
         for (int64_t k = 0; k < QB; ++k) sum += row[b * QB + k];
         s[(m / 16 * nb + b) * 16 + m % 16] = xq.s[m * nb + b];
-        c[(m / 16 * nb + b) * 16 + m % 16] = -128 * sum;
+        c[(m / 16 * nb + b) * 16 + m % 16] = -offset * sum;
       }
     }
   }
 };
 
-template <int NR, int MB, typename S>
-__attribute__((noinline)) void tile_quads(const QuadX& xq, const Seg& g, int64_t M, int64_t K, int64_t mb0,
-                                          int64_t n0, bool first) {
-  const int64_t quads = K / 4, nb = K / QB;
+// INT4: weights [N, K/2], a block of 128 inputs in 64 bytes (input 2i in byte i's low nibble, 2i + 1 in its
+// high one), against x in int4 order (QuantX's even inputs, then odd, in each block): a block's quad p < 16 is
+// the low nibbles of its bytes 4p..4p+3, quad 16 + p their high nibbles. Made unsigned (+8) as in tile_int4;
+// the group's scale is applied per block, int8's per-output scale at the end.
+template <int NR, int MB, typename S, bool INT4>
+__attribute__((noinline)) void tile_quads(const QuadX& xq, const Seg& g, int64_t M, int64_t K, int64_t group,
+                                          int64_t mb0, int64_t n0, bool first) {
+  const int64_t quads = K / 4, nb = K / QB, row_bytes = INT4 ? K / 2 : K;
   const int32_t* x = reinterpret_cast<const int32_t*>(xq.q.data()) + mb0 * quads * 16;
   const int32_t* w[NR];
-  for (int j = 0; j < NR; ++j) w[j] = reinterpret_cast<const int32_t*>(static_cast<const int8_t*>(g.wt) + (n0 + j) * K);
+  for (int j = 0; j < NR; ++j) w[j] = reinterpret_cast<const int32_t*>(static_cast<const int8_t*>(g.wt) + (n0 + j) * row_bytes);
+  const S* scale = static_cast<const S*>(g.scale);
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
   alignas(64) float acc[NR][MB][16] = {};  // touched once a block: memory, so that NR x MB sums fit in registers
   for (int64_t b = 0; b < nb; ++b) {
@@ -428,44 +433,59 @@ __attribute__((noinline)) void tile_quads(const QuadX& xq, const Seg& g, int64_t
       for (int j = 0; j < NR; ++j) t[j][bb] = c;
     }
     if (first)
-      for (int j = 0; j < NR; ++j) prefetch(w[j] + b * 32), prefetch(w[j] + b * 32 + 16);
-#pragma GCC unroll 2  // rolled, GCC copied the accumulators to other registers at every step (64 rows: +17%)
-    for (int64_t p = b * 32; p < (b + 1) * 32; ++p) {
-      __m512i xb[MB];
-      for (int bb = 0; bb < MB; ++bb) xb[bb] = _mm512_loadu_si512(x + (bb * quads + p) * 16);
       for (int j = 0; j < NR; ++j) {
-        const __m512i wj = _mm512_xor_si512(_mm512_set1_epi32(w[j][p]), flip);
-        for (int bb = 0; bb < MB; ++bb) t[j][bb] = _mm512_dpbusd_epi32(t[j][bb], wj, xb[bb]);
+        prefetch(w[j] + b * (INT4 ? 16 : 32));
+        if (!INT4) prefetch(w[j] + b * 32 + 16);
+      }
+    for (int half = 0; half < (INT4 ? 2 : 1); ++half) {
+      const int64_t p0 = b * 32 + half * 16, p1 = INT4 ? p0 + 16 : p0 + 32;
+#pragma GCC unroll 2  // rolled, GCC copied the accumulators to other registers at every step (64 rows: +17%)
+      for (int64_t p = p0; p < p1; ++p) {
+        __m512i xb[MB];
+        for (int bb = 0; bb < MB; ++bb) xb[bb] = _mm512_loadu_si512(x + (bb * quads + p) * 16);
+        for (int j = 0; j < NR; ++j) {
+          __m512i wj;
+          if constexpr (INT4) {
+            const uint32_t v = (static_cast<uint32_t>(w[j][b * 16 + p - p0]) ^ 0x88888888u) >> (4 * half);
+            wj = _mm512_set1_epi32(static_cast<int32_t>(v & 0x0F0F0F0Fu));
+          } else {
+            wj = _mm512_xor_si512(_mm512_set1_epi32(w[j][p]), flip);
+          }
+          for (int bb = 0; bb < MB; ++bb) t[j][bb] = _mm512_dpbusd_epi32(t[j][bb], wj, xb[bb]);
+        }
       }
     }
     for (int bb = 0; bb < MB; ++bb) {
       const __m512 sx = _mm512_loadu_ps(xq.s.data() + ((mb0 + bb) * nb + b) * 16);
-      for (int j = 0; j < NR; ++j)
-        _mm512_store_ps(acc[j][bb], _mm512_fmadd_ps(_mm512_cvtepi32_ps(t[j][bb]), sx, _mm512_load_ps(acc[j][bb])));
+      for (int j = 0; j < NR; ++j) {
+        const __m512 s = INT4 ? _mm512_mul_ps(sx, _mm512_set1_ps(scale_f32(scale[(n0 + j) * (K / group) + b * QB / group])))
+                              : sx;
+        _mm512_store_ps(acc[j][bb], _mm512_fmadd_ps(_mm512_cvtepi32_ps(t[j][bb]), s, _mm512_load_ps(acc[j][bb])));
+      }
     }
   }
-  const S* scale = static_cast<const S*>(g.scale);
   float sw[NR];
-  for (int j = 0; j < NR; ++j) sw[j] = scale_f32(scale[n0 + j]);
+  for (int j = 0; j < NR; ++j) sw[j] = INT4 ? 1.0f : scale_f32(scale[n0 + j]);
   for (int bb = 0; bb < MB; ++bb)  // row by row, as in tile_pairs
     for (int64_t r = 0, m = (mb0 + bb) * 16; r < 16 && m < M; ++r, ++m)
       for (int j = 0; j < NR; ++j) g.y[m * g.N + n0 + j] = acc[j][bb][r] * sw[j];
 }
 
-template <typename S>
+template <typename S, bool INT4>
 void run_quads(ffi::ThreadPool* pool, const QuantX& xq, const std::vector<Seg>& segs, int64_t M, int64_t K,
-               int64_t wb) {
+               int64_t wb, int64_t group = 0) {
   const int64_t mblocks = (M + 15) / 16;
-  const QuadX xv(xq, M, K);
+  const QuadX xv(xq, M, K, INT4 ? 8 : 128);
   for_items(pool, segs, wb, 24, [&](const auto& run_all) {  // two row blocks a tile where there are two:
     run_all([&](const Seg& g, int64_t n0, int64_t n1) {      // 64 rows 784 -> ~1,000 GFLOP/s (AMD EPYC, Zen 5)
       for (int64_t mb = 0; mb < mblocks; mb += mblocks - mb == 3 ? 3 : mblocks - mb >= 2 ? 2 : 1)
         for (int64_t n = n0; n < n1;) {  // N % 4 == 0: the tail is whole tiles of 4
-          if (mblocks - mb == 3) tile_quads<4, 3, S>(xv, g, M, K, mb, n, mb == 0), n += 4;
-          else if (mblocks - mb >= 2 && n1 - n >= 8) tile_quads<8, 2, S>(xv, g, M, K, mb, n, mb == 0), n += 8;
-          else if (mblocks - mb >= 2) tile_quads<4, 2, S>(xv, g, M, K, mb, n, mb == 0), n += 4;
-          else if (n1 - n >= 12) tile_quads<12, 1, S>(xv, g, M, K, mb, n, mb == 0), n += 12;
-          else tile_quads<4, 1, S>(xv, g, M, K, mb, n, mb == 0), n += 4;
+          const bool first = mb == 0;
+          if (mblocks - mb == 3) tile_quads<4, 3, S, INT4>(xv, g, M, K, group, mb, n, first), n += 4;
+          else if (mblocks - mb >= 2 && n1 - n >= 8) tile_quads<8, 2, S, INT4>(xv, g, M, K, group, mb, n, first), n += 8;
+          else if (mblocks - mb >= 2) tile_quads<4, 2, S, INT4>(xv, g, M, K, group, mb, n, first), n += 4;
+          else if (n1 - n >= 12) tile_quads<12, 1, S, INT4>(xv, g, M, K, group, mb, n, first), n += 12;
+          else tile_quads<4, 1, S, INT4>(xv, g, M, K, group, mb, n, first), n += 4;
         }
     });
   });
@@ -764,7 +784,7 @@ static ffi::Error Gemv(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::RemainingArg
 #ifdef LLAMA_JAX_AVX512
     if (M >= PAIR_ROWS) {
       const QuantX xq(xp, M, K, false);
-      f32_scales ? run_quads<float>(&pool, xq, segs, M, K, wb) : run_quads<uint16_t>(&pool, xq, segs, M, K, wb);
+      f32_scales ? run_quads<float, false>(&pool, xq, segs, M, K, wb) : run_quads<uint16_t, false>(&pool, xq, segs, M, K, wb);
       return ffi::Error::Success();
     }
 #endif
@@ -772,6 +792,14 @@ static ffi::Error Gemv(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::RemainingArg
   } else if (wdt == ffi::DataType::S4 && xdt == ffi::DataType::F32 && group > 0 && group % QB == 0 && K % group == 0 &&
              (f32_scales || bf16_scales)) {
     const float* xp = static_cast<const float*>(x.untyped_data());
+#ifdef LLAMA_JAX_AVX512
+    if (M > PAIR_ROWS) {  // row tiles of two or three row blocks, as int8's (16 rows: tile_int4 was as fast)
+      const QuantX xq(xp, M, K, true);
+      f32_scales ? run_quads<float, true>(&pool, xq, segs, M, K, wb, group)
+                 : run_quads<uint16_t, true>(&pool, xq, segs, M, K, wb, group);
+      return ffi::Error::Success();
+    }
+#endif
     f32_scales ? run_int4<float>(&pool, xp, segs, group, M, K, wb)
                : run_int4<uint16_t>(&pool, xp, segs, group, M, K, wb);
   } else {
