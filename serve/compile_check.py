@@ -21,6 +21,7 @@ Exit status: 0 fits, 1 does not fit, 2 bad config.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -36,7 +37,6 @@ from model.network import quant as quant_lib
 from model.network.backends import tpu_paged
 from model.network.config import LlamaConfig
 from model.network.model import abstract_model, state_shardings
-from serve.config import EngineConfig
 from serve.scheduler import bucket
 from serve.weights import adapter_slots
 from serve.step import Batch, Program, StepShape, step_fn
@@ -70,7 +70,7 @@ def attention_impl(mesh, kv_dtype: str, mcfg: LlamaConfig) -> str:
 
 
 def lower_step(mcfg: LlamaConfig, mesh, *, tokens: int, seqs: int, max_len: int, kv_tokens: int, kv_dtype: str,
-               block_size: int = EngineConfig.block_size, rules=None, attention: str | None = None) -> jax.stages.Lowered:
+               block_size: int = 16, rules=None, attention: str | None = None) -> jax.stages.Lowered:
     """Lowers the engine's step (serve/step.py `step_fn`) from abstract shapes: `tokens` flattened tokens
     of `seqs` sequences of up to `max_len` keys each, over a pool of `kv_tokens` tokens in blocks of
     `block_size`, with the scan layout of the weights."""
@@ -78,7 +78,7 @@ def lower_step(mcfg: LlamaConfig, mesh, *, tokens: int, seqs: int, max_len: int,
     kvd = kv_cache.resolve_dtype(kv_dtype, mcfg)
     graphdef, abstract = abstract_model(mcfg)
     params = (abstract_arrays(abstract, state_shardings(abstract, mesh, rules)), None)  # the scan layout
-    pool = kv_cache.abstract(mcfg, pool_blocks(kv_tokens, block_size), block_size, kvd)
+    pool = kv_cache.abstract(mcfg, pool_blocks(kv_tokens, block_size), block_size, kvd, mesh.devices.flat[0].platform)
     pool_shardings = kv_cache.shardings(pool, mesh, rules)
     impl = attention or attention_impl(mesh, kvd, mcfg)
     program, shape = Program(graphdef, mesh, rules, attention=impl), StepShape()
@@ -161,11 +161,13 @@ def _compile_steps(cfg, mcfg, mesh, kvd: str, result: dict, out) -> int | None:
 
 def compile_only(cfg, out=None) -> int:
     out = out or sys.stdout  # looked up per call: a default would keep the stdout of import time
-    e = cfg.engine
     try:
         mcfg = model_config(cfg)
-        kvd = kv_cache.resolve_dtype(e.kv_dtype, mcfg)
         devices, capacity, where, n, compile_here = _where(cfg)
+        platform = topo_lib.parse(cfg.topology).kind if cfg.topology else devices[0].platform
+        cfg = dataclasses.replace(cfg, engine=cfg.engine.resolved(platform))
+        e = cfg.engine
+        kvd = kv_cache.resolve_dtype(e.kv_dtype, mcfg)
         sizes = axis_sizes(cfg.mesh, n)
         num_blocks = e.num_blocks
         plan = analytic(mcfg, sizes, num_blocks, e.block_size, kvd)

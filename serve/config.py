@@ -35,11 +35,13 @@ class ModelSpec(resolve.ModelSpec):
 class EngineConfig:
     max_slots: int = 8  # requests running together (sequences in one step)
     max_len: int = 2048  # the longest request: prompt + completion tokens
-    prefill_chunk: int = 256  # prompt tokens of one request per step (longer prompts take several), grown to
-    # fill the step's bucket (serve/scheduler.py): smaller bounds decoding requests' wait behind a long prompt
+    prefill_chunk: int = 0  # prompt tokens of one request per step (longer prompts take several), grown to
+    # fill the step's bucket (serve/scheduler.py): smaller bounds decoding requests' wait behind a long prompt;
+    # 0 = auto (`resolved`): 32 on CPU, 256 on TPU and GPU
     prefill_tokens: int = 512  # token budget of one step: every running request's next token plus prompt chunks
     kv_dtype: str = "auto"  # auto (the compute dtype) | bfloat16 | float32 | float16 | int8
-    block_size: int = 16  # tokens per block of the KV pool
+    block_size: int = 0  # tokens per block of the KV pool; 0 = auto (`resolved`): 16 on CPU and GPU, on TPU
+    # max_len in 16 blocks of 16-256 tokens (16 beyond 8,192)
     kv_tokens: int = 0  # tokens the KV pool holds (all requests together); 0: max_slots * max_len
     prefix_caching: bool = True  # reuse the KV blocks of prompt prefixes seen before (serve/blocks.py)
     min_kv_bucket: int = 128  # the smallest attention-length bucket (pages per sequence x block_size)
@@ -54,26 +56,51 @@ class EngineConfig:
     max_lora_rank: int = 16  # the largest adapter rank those slots take (smaller ranks are zero-padded)
 
     def __post_init__(self):
-        for name in ("max_slots", "max_len", "prefill_chunk", "prefill_tokens", "min_kv_bucket", "block_size",
-                     "max_loras", "max_lora_rank"):
+        for name in ("max_slots", "max_len", "prefill_tokens", "min_kv_bucket", "max_loras", "max_lora_rank"):
             if getattr(self, name) < 1:
                 raise ValueError(f"engine.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("prefill_chunk", "block_size"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"engine.{name} must be >= 1 (0: auto), got {getattr(self, name)}")
         if self.kv_tokens < 0:
             raise ValueError(f"engine.kv_tokens must be >= 0 (0: max_slots * max_len), got {self.kv_tokens}")
         if self.decode_steps < 0:
             raise ValueError(f"engine.decode_steps must be >= 0 (0: auto), got {self.decode_steps}")
         if self.layout not in ("auto", "scan", "unrolled"):
             raise ValueError(f"engine.layout={self.layout!r}: expected auto, scan or unrolled")
-        if self.prefill_tokens < self.prefill_chunk:
+        if self.prefill_chunk and self.prefill_tokens < self.prefill_chunk:
             raise ValueError(f"engine.prefill_tokens ({self.prefill_tokens}) must be >= engine.prefill_chunk "
                              f"({self.prefill_chunk})")
         if self.prefill_tokens <= self.max_slots:
             raise ValueError(f"engine.prefill_tokens ({self.prefill_tokens}) must exceed engine.max_slots "
                              f"({self.max_slots}): a step holds every running request's next token")
 
+    def resolved(self, platform: str) -> EngineConfig:
+        """This config with its automatic (0) values chosen for `platform` (cpu, gpu or tpu).
+
+        block_size: 16 on CPU, where 8 to 128 measured alike and 16 was never behind (bench/block_size.py), and
+        on GPU (vLLM's CUDA default; the XLA reference attention there). On TPU, vLLM-TPU's rule for JAX's ragged
+        paged attention kernel: max_len in about 16 pages, 16 to 256 tokens each (the kernel keeps a
+        sequence's page indices in scalar registers, and more pages spill them), 16 beyond 8,192 tokens
+        (the kernel's KV block of pages would outgrow its vector memory).
+        prefill_chunk: 32 on CPU, where a prompt token costs what a decode token does: there 15 decoders wait
+        under 3x their interval behind a long prompt, which itself finishes within 1.5x of its prefill alone
+        (BENCHMARKS.md, issue 12; 128 tokens made the wait 6-8x); 256 on TPU and GPU, where a step's
+        arithmetic is cheap beside reading the weights. Never more than prefill_tokens."""
+        block, chunk = self.block_size, self.prefill_chunk
+        if not block:
+            block = 16
+            if platform == "tpu" and self.max_len <= 8192:
+                block = min(max((1 << (self.max_len - 1).bit_length()) // 16, 16), 256)
+        if not chunk:
+            chunk = min(32 if platform == "cpu" else 256, self.prefill_tokens)
+        return dataclasses.replace(self, block_size=block, prefill_chunk=chunk)
+
     @property
     def num_blocks(self) -> int:
-        """Blocks of the KV pool, the scratch block included."""
+        """Blocks of the KV pool, the scratch block included (of a resolved config)."""
+        if not self.block_size:
+            raise ValueError("engine.block_size is 0 (auto): resolve the config for a platform first")
         return -(-(self.kv_tokens or self.max_slots * self.max_len) // self.block_size) + 1
 
 

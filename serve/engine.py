@@ -48,6 +48,7 @@ log = logging.getLogger("serve.engine")
 
 class Engine:
     def __init__(self, model: Model, tokenizer, cfg: EngineConfig = EngineConfig(), rules=None):
+        cfg = cfg.resolved(model.mesh.devices.flat[0].platform)
         self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
         self.rules = SERVE_RULES if rules is None else rules
         mcfg = model.config

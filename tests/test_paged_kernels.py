@@ -11,6 +11,7 @@ before the value sum, but the sums differ in order and the Pallas kernel runs an
 """
 
 import dataclasses
+import functools
 import re
 
 import jax
@@ -164,6 +165,27 @@ def test_pallas_ragged_kernel_in_interpret_mode_matches_the_references(N, K, dty
     check(out, q, kv[0], None, meta, TOL[jnp.dtype(dtype).name])
 
 
+@pytest.mark.parametrize("impl,dtype", [("xla", jnp.bfloat16), ("xla", "int8"), ("pallas", jnp.bfloat16)])
+def test_layer_cache_reads_its_layer_of_the_stacked_pool(impl, dtype, monkeypatch):
+    """kv_cache.LayerCache over a pool stored as on TPU and GPU (floats as they are; int8 with scales): the
+    stacked pool is read as one run of pages, this layer's at page indices offset by layer x blocks. Equal
+    to attending over that layer alone; the layer index is traced, as in the layer loop."""
+    from model.network import kv_cache
+
+    if impl == "pallas":  # the TPU kernel, interpreted
+        monkeypatch.setattr(tpu_paged, "attend", functools.partial(tpu_paged.attend, interpret=True, pages_per_block=2))
+    q, (kv, scale), meta = ragged_batch(5, N=8, K=2, H=128, dtype=dtype, layers=3, seqs=[(1, 9), (3, 12), (1, 30)])
+    pool = kv_cache.KVPool(kv, scale, "int8" if scale is not None else "bfloat16")
+    k, v = (jnp.asarray(np.random.default_rng(i).standard_normal((1, q.shape[0], 2, 128)), q.dtype) for i in (1, 2))
+
+    @jax.jit
+    def run(pool, layer):
+        return kv_cache.LayerCache(pool, layer, meta, impl).attend(q[None], k, v)
+
+    out, after = run(pool, jnp.int32(2))
+    check(out[0], q, after.kv[2], None if scale is None else after.scale[2], meta, TOL[jnp.dtype(q.dtype).name])
+
+
 def test_pallas_ragged_kernel_refuses_what_it_cannot_take():
     """int8 pools (per-token scales) and head dims that are not multiples of 128 (the kernel's lanes; its
     own assertion): a clear error, and `applies` says so first (head dim 64 runs on the CPU kernel and the
@@ -238,3 +260,50 @@ def test_405b_width_decode_step_runs_the_pallas_kernel_and_keeps_int4_weights_pa
 def test_405b_width_decode_step_copies_no_whole_weight(decode_405b_v6e):
     """Also shows that `whole_weight_copies` finds a whole copy where the program makes one."""
     assert whole_weight_copies(decode_405b_v6e) == []
+
+
+def materialized(hlo: str, elements: int) -> list[str]:
+    """Instructions of a compiled program that allocate a buffer of `elements` elements: in every computation
+    but the insides of fusions (which never materialise); parameters, tuples and bitcasts allocate nothing."""
+    fused = set(re.findall(r" fusion\(.*?calls=%([\w.\-]+)", hlo))
+    found, inside_fusion = [], False
+    for line in hlo.splitlines():
+        head = re.match(r"^(?:ENTRY )?%([\w.\-]+) ", line)
+        if head and line.rstrip().endswith("{"):
+            inside_fusion = head.group(1) in fused
+            continue
+        m = INSTRUCTION.match(line)
+        if inside_fusion or not m:
+            continue
+        name, dtype, dims, op = m.groups()
+        if int(np.prod([int(d) for d in dims.split(",") if d])) == elements and op not in (
+                "parameter", "get-tuple-element", "bitcast", "tuple"):
+            found.append(f"{name} = {dtype}[{dims}] {op}")
+    return found
+
+
+@pytest.fixture(scope="module")
+def step_two_layers_v6e():
+    """The engine's decode step of a 2-layer model at 8B width (int4), tensor-parallel over a v6e-8, with a
+    pool of 1,025 blocks of 256 tokens (bigger than a chip's on-chip memory), compiled ahead of time."""
+    try:
+        devices = topology.parse("v6e-8").devices()
+    except ImportError as e:
+        pytest.skip(f"libtpu is not installed: {e}")
+    mcfg = resolve.model_config(resolve.ModelSpec(preset="llama3.1-8b", quant="int4"), remat="none", lora=None,
+                                num_layers=2)
+    lowered = lower_step(mcfg, make_mesh("tensor=8", devices), tokens=16, seqs=16, max_len=4096,
+                         kv_tokens=1024 * 256, kv_dtype="auto", block_size=256)
+    return aot_compile.compile(lowered, devices).as_text()
+
+
+def test_tpu_step_reads_the_pool_in_place(step_two_layers_v6e):
+    """Issue 12: on TPU the kernel reads the stacked pool as one run of pages (this layer's at page indices
+    offset by layer x blocks), stored as bfloat16. Slicing a layer out in the layer loop, or converting
+    stored bits to bfloat16, materialises a copy of that layer's pool (per chip: 1,025 blocks x 256 tokens x
+    one KV head's key and value x 128) every layer of every step."""
+    hlo = step_two_layers_v6e
+    one_layer = 1025 * 256 * 2 * 128
+    assert "ragged_paged_attention" in hlo
+    assert materialized(hlo, one_layer) == []
+    assert "bf16[2,1025,256,2,128]" in hlo and "u16[2,1025,256,2,128]" not in hlo

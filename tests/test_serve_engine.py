@@ -2,6 +2,8 @@
 requests of different lengths decoded together; continuous batching, chunked prefill, compile buckets,
 stops, sampling, log-probs, int8 KV cache, quantized weights and LoRA adapters (PEFT as the oracle)."""
 
+import json
+
 import jax
 import numpy as np
 import pytest
@@ -124,7 +126,8 @@ def test_compiles_once_per_bucket(engine):
     engine.generate(prompts([2, 30, 50], seed=4), GREEDY)
     seen = set(engine.compiled_shapes)
     assert engine.device_step.jitted._cache_size() == len(seen)  # one executable per bucket, none per request
-    pages = set(buckets(CFG.min_kv_bucket // CFG.block_size, CFG.max_len // CFG.block_size))
+    cfg = engine.cfg  # resolved for the platform
+    pages = set(buckets(cfg.min_kv_bucket // cfg.block_size, cfg.max_len // cfg.block_size))
     for T, S, P, _, steps in seen:
         assert S in buckets(1, CFG.max_slots) and P in pages and steps in (1, call_steps(engine.decode_steps, S))
         assert T == S or T == token_bucket(T, 16, CFG.prefill_tokens)  # decode only, or with prompt chunks
@@ -476,6 +479,44 @@ def test_compile_only_local(capsys):
     assert compile_only(cfg) == 0
     out = capsys.readouterr().out
     assert "decode step" in out and "prefill step" in out and "FITS" in out
+
+
+def test_auto_block_size_and_prompt_chunk_follow_the_platform(one_device):
+    """engine.block_size and engine.prefill_chunk default to 0, chosen per platform (EngineConfig.resolved):
+    16 and 32 on CPU (measured: BENCHMARKS.md), 16 and 256 on GPU, and on TPU max_len in 16 blocks of 16-256
+    tokens (16 beyond 8,192), the rule vLLM-TPU uses for JAX's ragged paged attention kernel."""
+    auto = EngineConfig(max_len=4096)
+    assert (auto.block_size, auto.prefill_chunk) == (0, 0)
+    got = {p: (c.block_size, c.prefill_chunk) for p in ("cpu", "gpu", "tpu") for c in [auto.resolved(p)]}
+    assert got == {"cpu": (16, 32), "gpu": (16, 256), "tpu": (256, 256)}
+    lens = (100, 300, 2048, 8192, 8193, 131072)
+    assert [EngineConfig(max_len=n).resolved("tpu").block_size for n in lens] == [16, 32, 128, 256, 16, 16]
+    fixed = EngineConfig(max_len=4096, block_size=32, prefill_chunk=64).resolved("tpu")
+    assert (fixed.block_size, fixed.prefill_chunk) == (32, 64)
+    assert EngineConfig(max_slots=8, prefill_tokens=128).resolved("gpu").prefill_chunk == 128
+    with pytest.raises(ValueError, match="auto"):
+        auto.num_blocks
+    with pytest.raises(ValueError, match="engine.block_size"):
+        EngineConfig(block_size=-16)
+    m = model.init(model.LlamaConfig.preset("toy"), mesh=one_device)
+    e = Engine(m, ByteTokenizer(), EngineConfig(max_slots=2, max_len=256))
+    assert (e.cfg.block_size, e.cfg.prefill_chunk) == (16, 32) and e.cache.kv.shape[2] == 16
+
+
+def test_compile_only_resolves_the_block_size_for_the_topology(capsys):
+    """A v6e config compiled ahead of time gets TPU blocks (max_len 4096: 16 blocks of 256 tokens), however
+    small its model; the H100 configs keep 16 (test_plan.py)."""
+    from serve.compile_check import compile_only
+    from serve.config import load_config
+
+    cfg = load_config("serve_405b_int4_v6e", ["model.preset=toy", "engine.max_slots=2", "engine.max_len=4096",
+                                                "mesh=fsdp=4,tensor=2"])
+    try:
+        code = compile_only(cfg)
+    except ImportError as e:
+        pytest.skip(f"libtpu is not installed: {e}")
+    r = json.loads(capsys.readouterr().out.split("PLAN ", 1)[1])
+    assert code == 0 and r["pool"]["block_size"] == 256 and r["pool"]["blocks"] == 2 * 4096 // 256 + 1
 
 
 @pytest.mark.parametrize("fmt,Ns", [("float32", (200, 64)), ("bfloat16", (200, 64)), ("bfloat16", (208, 48)),

@@ -8,8 +8,9 @@ The combined head axis is the layout of `jax.experimental.pallas.ops.tpu.ragged_
 carries the logical name `kv_heads`, so `sharding/rules.py` splits it over `tensor` like the k/v
 projections that produce it (a contiguous split keeps each key/value pair on one device).
 
-16-bit float caches (bfloat16, float16) are stored as their bits (uint16; `KVPool.dtype` says which
-float): XLA:CPU updates a 16-bit float array by converting all of it to float32 and back.
+On CPU, 16-bit float caches (bfloat16, float16) are stored as their bits (uint16; `KVPool.dtype` says
+which float): XLA:CPU updates a 16-bit float array by converting all of it to float32 and back. On TPU
+and GPU they are stored as they are: there a bits-to-float conversion of the pool would be a copy of it.
 
 A request owns a list of blocks (its block table, serve/blocks.py); token p of a request lives in block
 table[p // block_size] at offset p % block_size. Block 0 is scratch: padding tokens write there and
@@ -17,7 +18,10 @@ padding rows of a block table point there, so it never holds a request's keys.
 
 A forward pass with the pool (`Llama.__call__(tokens [1, T], ..., cache=CacheUpdate(...))`) runs one
 flattened, ragged batch of T tokens (model/network/paged_attention.py: the step metadata). Each layer
-writes its new keys/values at `meta.slot_mapping`, then attends over the blocks of each sequence.
+writes its new keys/values at `meta.slot_mapping`, then attends over the blocks of each sequence. A float
+or int8 pool is read in place: the stacked pool as one run of L x num_blocks pages, this layer's at page
+indices offset by layer x num_blocks (slicing a layer out inside the layer loop would copy it, every layer
+of every step: the whole pool read and written once more per step).
 """
 
 from __future__ import annotations
@@ -71,17 +75,17 @@ def resolve_dtype(kv_dtype: str, cfg: LlamaConfig) -> str:
     return d
 
 
-def abstract(cfg: LlamaConfig, num_blocks: int, block_size: int, dtype: str) -> KVPool:
-    """Shapes and dtypes only (for sizing and ahead-of-time compilation)."""
+def abstract(cfg: LlamaConfig, num_blocks: int, block_size: int, dtype: str, platform: str = "cpu") -> KVPool:
+    """Shapes and dtypes only (for sizing and ahead-of-time compilation), stored as on `platform`."""
     shape = (cfg.num_layers, num_blocks, block_size, 2 * cfg.num_kv_heads, cfg.head_dim)
     if dtype == "int8":
         return KVPool(jax.ShapeDtypeStruct(shape, jnp.int8), jax.ShapeDtypeStruct(shape[:-1], jnp.float32), dtype)
-    return KVPool(jax.ShapeDtypeStruct(shape, _storage(dtype)), dtype=dtype)
+    return KVPool(jax.ShapeDtypeStruct(shape, _storage(dtype, platform)), dtype=dtype)
 
 
-def _storage(dtype: str):
-    """The array dtype that holds a cache of `dtype` (16-bit floats as their bits)."""
-    return jnp.uint16 if jnp.dtype(dtype).itemsize == 2 else jnp.dtype(dtype)
+def _storage(dtype: str, platform: str):
+    """The array dtype that holds a cache of `dtype` on `platform` (on CPU, 16-bit floats as their bits)."""
+    return jnp.uint16 if platform == "cpu" and jnp.dtype(dtype).itemsize == 2 else jnp.dtype(dtype)
 
 
 def shardings(pool: KVPool, mesh: Mesh, rules=RULES) -> KVPool:
@@ -92,7 +96,7 @@ def shardings(pool: KVPool, mesh: Mesh, rules=RULES) -> KVPool:
 
 def create(cfg: LlamaConfig, num_blocks: int, block_size: int, dtype: str, mesh: Mesh, rules=RULES) -> KVPool:
     """A zero pool, created directly in its shardings."""
-    abs_ = abstract(cfg, num_blocks, block_size, dtype)
+    abs_ = abstract(cfg, num_blocks, block_size, dtype, mesh.devices.flat[0].platform)
     return jax.jit(lambda: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), abs_),
                    out_shardings=shardings(abs_, mesh, rules))()
 
@@ -150,9 +154,11 @@ class LayerCache:
         c = write(self.cache, self.layer, k_BTKH[0], v_BTKH[0], self.meta.slot_mapping)
         if self.impl == "cpu":  # the kernel reads the layer in the stacked pool, 16-bit floats as bits
             return paged_attention.attend(q_BTNH[0], c.kv, c.scale, self.meta, self.impl, self.layer)[None], c
-        kv, scale = c.kv[self.layer], None if c.scale is None else c.scale[self.layer]
-        if kv.dtype == jnp.uint16:
-            kv = jax.lax.bitcast_convert_type(kv, jnp.dtype(c.dtype))
-        out = paged_attention.attend(q_BTNH[0], kv, scale, self.meta, self.impl)
-        return out[None], c
+        if c.kv.dtype == jnp.uint16:  # CPU storage: this layer's blocks as floats (a copy, made to convert)
+            kv = jax.lax.bitcast_convert_type(c.kv[self.layer], jnp.dtype(c.dtype))
+            return paged_attention.attend(q_BTNH[0], kv, None, self.meta, self.impl)[None], c
+        L, nb = c.kv.shape[:2]
+        pages = lambda a: None if a is None else a.reshape(L * nb, *a.shape[2:])  # noqa: E731
+        meta = dataclasses.replace(self.meta, page_indices=self.meta.page_indices + self.layer * nb)
+        return paged_attention.attend(q_BTNH[0], pages(c.kv), pages(c.scale), meta, self.impl)[None], c
 
