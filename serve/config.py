@@ -78,8 +78,8 @@ class EngineConfig:
     def resolved(self, platform: str) -> EngineConfig:
         """This config with its automatic (0) values chosen for `platform` (cpu, gpu or tpu).
 
-        block_size: 16 on CPU, where 8 to 128 measured alike and 16 was never behind (bench/block_size.py), and
-        on GPU (vLLM's CUDA default; the XLA reference attention there). On TPU, vLLM-TPU's rule for JAX's ragged
+        block_size: 16 on CPU, first or tied on every measure of two runs of bench/block_size.py against 8 to
+        128 (128 up to 15% behind at 64 rows), and on GPU (vLLM's CUDA default; the XLA reference there). On TPU, vLLM-TPU's rule for JAX's ragged
         paged attention kernel: max_len in about 16 pages, 16 to 256 tokens each (the kernel keeps a
         sequence's page indices in scalar registers, and more pages spill them), 16 beyond 8,192 tokens
         (the kernel's KV block of pages would outgrow its vector memory).

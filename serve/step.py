@@ -102,7 +102,8 @@ def step_fn(program: Program, weights, cache, batch: Batch, shape: StepShape):
         module = nnx.merge(program.graphdef, layout.module_state(weights))
 
         def one(cache, batch: Batch):
-            update = kv_cache.CacheUpdate(cache, batch.meta, program.attention, layers)
+            update = kv_cache.CacheUpdate(cache, batch.meta, program.attention, layers,
+                                          kv_cache.as_bits(program.mesh.devices.flat[0].platform))
             at = jnp.arange(batch.tokens.shape[0]) if shape.prompt_logprobs else batch.last
             logits, cache = module(batch.tokens[None], batch.positions[None], cache=update, logits_at=at)
             out = batch.sampling.sample(logits[batch.last, 0] if shape.prompt_logprobs else logits[:, 0], shape.num_top,

@@ -183,6 +183,9 @@ MUTANTS = [
     Mutant("compile_only_resolves_for_this_machine", "serve/compile_check.py",
            "engine=cfg.engine.resolved(platform))", 'engine=cfg.engine.resolved(jax.devices()[0].platform))',
            ("tests/test_serve_engine.py::test_compile_only_resolves_the_block_size_for_the_topology",)),
+    Mutant("embedding_gathered_as_bits_on_tpu", "model/network/llama.py",
+           "if update.bits and table.dtype.itemsize == 2:", "if table.dtype.itemsize == 2:",
+           ("tests/test_paged_kernels.py::test_405b_width_decode_step_copies_no_whole_weight",)),
     Mutant("tpu_pool_sliced_per_layer", "model/network/kv_cache.py",
            "        L, nb = c.kv.shape[:2]\n",
            "        return paged_attention.attend(q_BTNH[0], c.kv[self.layer], None if c.scale is None else "

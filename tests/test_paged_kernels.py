@@ -254,11 +254,10 @@ def test_405b_width_decode_step_runs_the_pallas_kernel_and_keeps_int4_weights_pa
     assert not quantized, f"whole copies of int4 weights in the decode step: {quantized}"
 
 
-@pytest.mark.xfail(strict=True, reason="model/network/llama.py gathers 16-bit embedding rows as uint16 bits (for "
-                   "XLA:CPU); on TPU the bitcast-convert copies the whole embedding shard into the step's temporaries "
-                   "(0.49 GiB per chip at 405B on v6e-8). Fix: take that path on CPU only")
 def test_405b_width_decode_step_copies_no_whole_weight(decode_405b_v6e):
-    """Also shows that `whole_weight_copies` finds a whole copy where the program makes one."""
+    """No temporary is a whole copy of any weight shard. The embedding rows were gathered through a uint16
+    bitcast, for XLA:CPU; on TPU that bitcast-convert copied the whole table shard (0.49 GiB per chip at
+    405B on v6e-8); bits are now for CPU only (kv_cache.as_bits; mutant embedding_gathered_as_bits_on_tpu)."""
     assert whole_weight_copies(decode_405b_v6e) == []
 
 

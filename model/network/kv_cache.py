@@ -83,9 +83,16 @@ def abstract(cfg: LlamaConfig, num_blocks: int, block_size: int, dtype: str, pla
     return KVPool(jax.ShapeDtypeStruct(shape, _storage(dtype, platform)), dtype=dtype)
 
 
+def as_bits(platform: str) -> bool:
+    """Whether 16-bit float arrays that a step updates or gathers from are handled as their uint16 bits on
+    `platform`: on CPU only (XLA:CPU converts a whole 16-bit float array to float32 and back to update or
+    gather from it; elsewhere the bits-to-float conversion is what copies the whole array)."""
+    return platform == "cpu"
+
+
 def _storage(dtype: str, platform: str):
     """The array dtype that holds a cache of `dtype` on `platform` (on CPU, 16-bit floats as their bits)."""
-    return jnp.uint16 if platform == "cpu" and jnp.dtype(dtype).itemsize == 2 else jnp.dtype(dtype)
+    return jnp.uint16 if as_bits(platform) and jnp.dtype(dtype).itemsize == 2 else jnp.dtype(dtype)
 
 
 def shardings(pool: KVPool, mesh: Mesh, rules=RULES) -> KVPool:
@@ -127,13 +134,14 @@ def write(pool: KVPool, layer, k_TKH, v_TKH, slot_mapping_T) -> KVPool:
 @dataclasses.dataclass(frozen=True)
 class CacheUpdate:
     """What a forward pass over the pool needs besides tokens and positions: the pool, the step's metadata,
-    the attention implementation (paged_attention.IMPLEMENTATIONS) and, for the unrolled layout, the block
-    weights one layer at a time (`layer_params`)."""
+    the attention implementation (paged_attention.IMPLEMENTATIONS), for the unrolled layout the block
+    weights one layer at a time (`layer_params`), and whether 16-bit floats go as bits (`as_bits`)."""
 
     cache: KVPool
     meta: PagedMeta
     impl: str = "xla"
     layer_params: tuple | None = None
+    bits: bool = True
 
     def layer(self, cache: KVPool, layer, positions_BT=None, segments_BT=None) -> LayerCache:
         return LayerCache(cache, layer, self.meta, self.impl)

@@ -154,7 +154,7 @@ class Llama(nnx.Module):
         if segments_BT is None:
             segments_BT = jnp.ones_like(tokens_BT, dtype=jnp.int32)
         table = self.embed.embedding[...]
-        if table.dtype.itemsize == 2:  # gather 16-bit rows as bits: XLA:CPU would convert the whole table
+        if update.bits and table.dtype.itemsize == 2:  # as bits: XLA:CPU would convert the whole table
             rows = jax.lax.bitcast_convert_type(jax.lax.bitcast_convert_type(table, jnp.uint16)[tokens_BT], table.dtype)
             x = rows.astype(self.embed.compute_dtype)
         else:
