@@ -149,6 +149,16 @@ def active_mesh() -> Mesh | None:
     return None if active is None else active[0]
 
 
+def shards(names: Sequence[str | None], shape: Sequence[int]) -> int:
+    """Devices that the dimensions named split over on the active mesh, by its rules (1 without one)."""
+    active = _ACTIVE.get()
+    if active is None:
+        return 1
+    mesh, rules = active
+    spec = logical_to_spec(names, mesh, shape, rules, strict=False)
+    return math.prod(mesh.shape[a] for axes in spec if axes for a in ((axes,) if isinstance(axes, str) else axes))
+
+
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     """Sharding constraint by logical names; a no-op when no mesh is active."""
     active = _ACTIVE.get()

@@ -186,6 +186,13 @@ MUTANTS = [
     Mutant("embedding_gathered_as_bits_on_tpu", "model/network/llama.py",
            "if update.bits and table.dtype.itemsize == 2:", "if table.dtype.itemsize == 2:",
            ("tests/test_paged_kernels.py::test_405b_width_decode_step_copies_no_whole_weight",)),
+    Mutant("quant_loop_splits_device_units", "model/network/quant.py",
+           "local = units // in_shards if units % in_shards == 0 else units", "local = units",
+           ("tests/test_quant.py::test_loop_keeps_each_device_whole_units",
+            "tests/test_paged_kernels.py::test_405b_width_decode_step_gathers_no_weight")),
+    Mutant("quant_in_shards_not_passed", "model/network/dense.py",
+           "self.compute_dtype, rules.shards(self.in_axes, self.in_shape))", "self.compute_dtype)",
+           ("tests/test_paged_kernels.py::test_405b_width_decode_step_gathers_no_weight",)),
     Mutant("tpu_pool_sliced_per_layer", "model/network/kv_cache.py",
            "        L, nb = c.kv.shape[:2]\n",
            "        return paged_attention.attend(q_BTNH[0], c.kv[self.layer], None if c.scale is None else "

@@ -281,6 +281,16 @@ def materialized(hlo: str, elements: int) -> list[str]:
     return found
 
 
+def test_405b_width_decode_step_gathers_no_weight(decode_405b_v6e):
+    """Tensor parallelism keeps every weight shard on its chip: no all-gather of integer weights (or their
+    scales' groups) anywhere in the step, the layer loop included. The int4 row loop's view of the 405B
+    down projection ([A, steps, 128] rows with A = 52 over 8 chips) made the partitioner all-gather half
+    of it from a neighbour in every layer of every step."""
+    gathers = [line.strip()[:160] for line in decode_405b_v6e.splitlines()
+               if re.search(r"= \(?[su][48]\[[^=]*all-gather(-start)?\(", line)]
+    assert gathers == []
+
+
 @pytest.fixture(scope="module")
 def step_two_layers_v6e():
     """The engine's decode step of a 2-layer model at 8B width (int4), tensor-parallel over a v6e-8, with a

@@ -68,6 +68,21 @@ def test_matmul_equals_dequantized_einsum(bits, group, ins, outs, tokens, chunke
         np.testing.assert_allclose(np.asarray(y), ref, rtol=0, atol=2e-5 * np.abs(ref).max())
 
 
+def test_loop_keeps_each_device_whole_units():
+    """The row loop views the input dim as [A, steps, unit] with A split like the input dim: A must be a
+    multiple of the devices holding it, or the partitioner regroups rows across devices (an all-gather of
+    the weight in every call). 405B down projection, int4, decode on a v6e-8 (mlp split 8 ways): the
+    fewest steps within chunk_bytes was 8, A = 52, which 8 devices do not divide."""
+    qc = QuantConfig(bits=4, group_size=128)
+    I, O = 53248, 16384
+    assert quant.plan(qc, 16, I, O, jnp.bfloat16, "tpu") == ("grouped", 8)
+    for shards in (2, 4, 8, 16):
+        mode, steps = quant.plan(qc, 16, I, O, jnp.bfloat16, "tpu", in_shards=shards)
+        assert (I // 128 // steps) % shards == 0, (shards, steps)
+    assert quant.plan(qc, 16, I, O, jnp.bfloat16, "tpu", in_shards=8) == ("grouped", 13)
+    assert quant.plan(qc, 16, I, O, jnp.bfloat16, "tpu", in_shards=3) == ("grouped", 8)  # 416 units: no whole split
+
+
 @pytest.mark.parametrize("platform", ["cpu", "gpu"])
 def test_input_gradient_through_the_chunked_matmul(platform, monkeypatch):
     """QLoRA differentiates through the frozen quantized base: d/dx of the looped matmul is that of

@@ -32,6 +32,7 @@ from model.network import quant as quant_lib
 from model.network.backends import cpu_kernels
 from model.network.config import LlamaConfig
 from model.network.layers import param
+from sharding import rules
 
 
 class Dense(nnx.Module):
@@ -61,11 +62,12 @@ class QuantizedDense(Dense):
     def __init__(self, name: str, eq: str, in_shape, out_shape, axes, *, quant: quant_lib.QuantConfig, **kw):
         super().__init__(name, eq, in_shape, out_shape, axes, **kw)
         self.quant = quant
+        self.in_axes = tuple(axes[:len(self.in_shape)])
         self.kernel, self.scale = quant_lib.quantize_param(self.kernel, quant, self.in_shape, self.out_shape)
 
     def product(self, x: jax.Array) -> jax.Array:
         return quant_lib.matmul(x, self.kernel[...], self.scale[...], self.quant, self.in_shape, self.out_shape,
-                                self.compute_dtype)
+                                self.compute_dtype, rules.shards(self.in_axes, self.in_shape))
 
 
 class LoRADense(Dense):

@@ -195,7 +195,8 @@ def _platform() -> str:
 FORCE_MODE: str | None = None  # "grouped" or "dequant" for grouped scales: benchmarks only
 
 
-def plan(qc: QuantConfig, tokens: int, I: int, O: int, compute_dtype, platform: str) -> tuple[str, int]:
+def plan(qc: QuantConfig, tokens: int, I: int, O: int, compute_dtype, platform: str,
+         in_shards: int = 1) -> tuple[str, int]:
     """(mode, steps) for a [tokens, I] x [I, O] quantized matmul.
 
     modes: "channel" (one scale per output column, applied to the output), "grouped" (contract each
@@ -203,7 +204,9 @@ def plan(qc: QuantConfig, tokens: int, I: int, O: int, compute_dtype, platform: 
     rows, then contract them: temporaries [rows, O]), chosen by which has the smaller temporaries per
     row: "grouped" while tokens <= group_size / 2 (decoding; not on CPU), else "dequant". `steps` > 1 runs the
     contraction as a loop whose steps each take I / steps rows, the fewest steps whose temporaries
-    fit `chunk_bytes`.
+    fit `chunk_bytes` among those that leave each of the `in_shards` devices holding the input dim whole
+    units of every step (else the partitioner regroups the rows across devices: an all-gather of the
+    weight in every call).
     """
     gs = qc.group_size or I
     cbytes = jnp.dtype(compute_dtype).itemsize
@@ -226,10 +229,11 @@ def plan(qc: QuantConfig, tokens: int, I: int, O: int, compute_dtype, platform: 
         return rows * O * convert + tokens * (rows // gs) * O * 4
 
     units = I // unit
-    for steps in _divisors(units):
+    local = units // in_shards if units % in_shards == 0 else units
+    for steps in _divisors(local):
         if temp(I // steps) <= qc.chunk_bytes:
             return mode, steps
-    return mode, units
+    return mode, local
 
 
 def channel_unit(I: int) -> int:
@@ -244,49 +248,54 @@ def _divisors(n: int) -> list[int]:
 
 
 def matmul(x: jax.Array, q: jax.Array, s: jax.Array, qc: QuantConfig, in_shape, out_shape,
-           compute_dtype) -> jax.Array:
+           compute_dtype, in_shards: int = 1) -> jax.Array:
     """`einsum("…i,io->…o")` of x [*prefix, *in] with the quantized kernel (q [*in, *out], s) -> [*prefix, *out]
     in compute_dtype, accumulated in float32.
 
     With a loop (see `plan`), step k takes the rows (or groups) k, k + steps, k + 2·steps, …: the
     contraction dim is viewed as [A, steps, unit] and each step slices the middle axis. The leading
     axis A keeps the sharding of the input dim (FSDP `embed`, or `heads`/`mlp` under tensor
-    parallelism), so no step needs another device's rows and no weight is all-gathered for the loop.
+    parallelism), so no step needs another device's rows and no weight is all-gathered for the loop; it
+    does only if every one of the `in_shards` devices holding the input dim has whole [steps, unit]
+    blocks of it (`plan`).
 
     The gradient (QLoRA differentiates through the frozen base, for x only) is its own loop over the
     same row chunks, `dx_k = dy · w_kᵀ`, with each chunk's rows converted and scaled again: autodiff of
     the loop would save every step's converted rows, i.e. the whole dequantized weight.
     """
-    return _matmul(qc, tuple(in_shape), tuple(out_shape), jnp.dtype(compute_dtype), jnp.dtype(x.dtype), x, q, s)
+    return _matmul((qc, in_shards), tuple(in_shape), tuple(out_shape), jnp.dtype(compute_dtype), jnp.dtype(x.dtype),
+                   x, q, s)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4))
-def _matmul(qc, in_shape, out_shape, compute_dtype, x_dtype, x, q, s):
-    return _forward(x, q, s, qc, in_shape, out_shape, compute_dtype)
+def _matmul(qcs, in_shape, out_shape, compute_dtype, x_dtype, x, q, s):
+    return _forward(x, q, s, qcs, in_shape, out_shape, compute_dtype)
 
 
-def _matmul_fwd(qc, in_shape, out_shape, compute_dtype, x_dtype, x, q, s):
-    return _forward(x, q, s, qc, in_shape, out_shape, compute_dtype), (q, s)
+def _matmul_fwd(qcs, in_shape, out_shape, compute_dtype, x_dtype, x, q, s):
+    return _forward(x, q, s, qcs, in_shape, out_shape, compute_dtype), (q, s)
 
 
-def _matmul_bwd(qc, in_shape, out_shape, compute_dtype, x_dtype, res, dy):
+def _matmul_bwd(qcs, in_shape, out_shape, compute_dtype, x_dtype, res, dy):
     q, s = res
-    dx = _input_grad(dy, q, s, qc, in_shape, out_shape, x_dtype)
+    dx = _input_grad(dy, q, s, qcs, in_shape, out_shape, x_dtype)
     return dx, np.zeros(q.shape, jax.dtypes.float0), jnp.zeros_like(s)
 
 
 _matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
-def _layout(q, s, qc: QuantConfig, tokens: int, I: int, O: int, compute_dtype, *, backward: bool = False):
-    """(mode, steps, unit, cdt, platform, q4 [A, steps, unit, O], s3) of the looped matmul (see `matmul`)."""
+def _layout(q, s, qcs, tokens: int, I: int, O: int, compute_dtype, *, backward: bool = False):
+    """(mode, steps, unit, cdt, platform, q4 [A, steps, unit, O], s3) of the looped matmul (see `matmul`);
+    qcs: (QuantConfig, in_shards)."""
+    qc, in_shards = qcs
     platform = _platform()
     # XLA:CPU has no bf16 x bf16 -> f32 dot inside loops ("Unsupported element type for DotThunk")
     # and upcasts bf16 dots anyway: there the operands are float32.
     cdt = jnp.float32 if platform == "cpu" else jnp.dtype(compute_dtype)
     gs = qc.group_size or I
     # the gradient never takes the grouped form (its temporaries grow with the tokens)
-    mode, steps = plan(qc, max(tokens, gs) if backward else tokens, I, O, cdt, platform)
+    mode, steps = plan(qc, max(tokens, gs) if backward else tokens, I, O, cdt, platform, in_shards)
     unit = channel_unit(I) if mode == "channel" else gs
     A = I // (steps * unit)
     q4 = q.reshape(A, steps, unit, O)
@@ -294,12 +303,12 @@ def _layout(q, s, qc: QuantConfig, tokens: int, I: int, O: int, compute_dtype, *
     return mode, steps, unit, cdt, platform, q4, s3
 
 
-def _forward(x, q, s, qc: QuantConfig, in_shape, out_shape, compute_dtype) -> jax.Array:
+def _forward(x, q, s, qcs, in_shape, out_shape, compute_dtype) -> jax.Array:
     n_in = len(in_shape)
     prefix = x.shape[:x.ndim - n_in]
     I, O = math.prod(in_shape), math.prod(out_shape)
     out_dtype, f32 = jnp.dtype(compute_dtype), jnp.float32
-    mode, steps, unit, cdt, platform, q4, s3 = _layout(q, s, qc, math.prod(prefix), I, O, compute_dtype)
+    mode, steps, unit, cdt, platform, q4, s3 = _layout(q, s, qcs, math.prod(prefix), I, O, compute_dtype)
     A = I // (steps * unit)
     x4 = x.astype(cdt).reshape(*prefix, A, steps, unit)
 
@@ -340,14 +349,14 @@ def _forward(x, q, s, qc: QuantConfig, in_shape, out_shape, compute_dtype) -> ja
     return y.astype(out_dtype).reshape(*prefix, *out_shape)
 
 
-def _input_grad(dy, q, s, qc: QuantConfig, in_shape, out_shape, x_dtype) -> jax.Array:
+def _input_grad(dy, q, s, qcs, in_shape, out_shape, x_dtype) -> jax.Array:
     """dx [*prefix, *in] (x_dtype) for dy [*prefix, *out]: `dy · (q ⊙ s)ᵀ` over the forward's row chunks,
     each chunk's integer rows converted (and scaled) on the spot; temporaries bounded as the forward's."""
     n_out = len(out_shape)
     prefix = dy.shape[:dy.ndim - n_out]
     I, O = math.prod(in_shape), math.prod(out_shape)
     f32 = jnp.float32
-    mode, steps, unit, cdt, platform, q4, s3 = _layout(q, s, qc, math.prod(prefix), I, O, dy.dtype, backward=True)
+    mode, steps, unit, cdt, platform, q4, s3 = _layout(q, s, qcs, math.prod(prefix), I, O, dy.dtype, backward=True)
     A = I // (steps * unit)
     dy = dy.reshape(*prefix, O)
     if mode == "channel":  # per-output scales: scale dy once, the integer rows stay the dot operand
