@@ -70,9 +70,11 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     log = logging.getLogger("serve")
-    log.info("model %s: %s parameters%s, mesh %s, %d slots x %d positions, KV cache %s (%.1f MiB)", name,
-             f"{model.config.num_params():,}", f", {model.config.quant.name}" if model.config.quant else "",
-             dict(mesh.shape), cfg.engine.max_slots, cfg.engine.max_len, engine.kv_dtype, engine.cache.nbytes / 2**20)
+    e = engine.cfg  # block_size and prefill_chunk resolved for the platform
+    log.info("model %s: %s parameters%s, mesh %s; up to %d requests of %d tokens; KV pool %s, %d blocks of %d "
+             "tokens (%.1f MiB); prompt chunks of %d tokens", name, f"{model.config.num_params():,}",
+             f", {model.config.quant.name}" if model.config.quant else "", dict(mesh.shape), e.max_slots, e.max_len,
+             engine.kv_dtype, e.num_blocks, e.block_size, engine.cache.nbytes / 2**20, e.prefill_chunk)
     if cfg.engine.warmup:
         engine.warmup()
 
