@@ -199,7 +199,7 @@ MUTANTS = [
            "c.scale[self.layer], self.meta, self.impl)[None], c\n        L, nb = c.kv.shape[:2]\n",
            ("tests/test_paged_kernels.py::test_tpu_step_reads_the_pool_in_place",)),
     Mutant("tpu_pool_stored_as_bits", "model/network/kv_cache.py",
-           'return jnp.uint16 if platform == "cpu" and jnp.dtype(dtype).itemsize == 2',
+           'return jnp.uint16 if as_bits(platform) and jnp.dtype(dtype).itemsize == 2',
            'return jnp.uint16 if jnp.dtype(dtype).itemsize == 2',
            ("tests/test_paged_kernels.py::test_tpu_step_reads_the_pool_in_place",)),
     Mutant("paged_pages_of_layer_0", "model/network/kv_cache.py",

@@ -230,19 +230,23 @@ def whole_weight_copies(hlo: str, min_bytes: int = 16 << 20):
     return [(name, dtype, op, weights[n]) for name, dtype, n, op in others if n in weights]
 
 
-@pytest.fixture(scope="module")
-def decode_405b_v6e():
-    """The engine's decode step (16 sequences, one token each) of a 1-layer model at 405B width with int4
-    weights, tensor-parallel over a v6e-8, compiled ahead of time: its optimized HLO text."""
+def decode_step_hlo(preset: str, layers: int, **shape) -> str:
+    """The engine's decode step (16 sequences, one token each) of an int4 model of `preset`'s width with
+    `layers` layers, tensor-parallel over a v6e-8, compiled ahead of time: its optimized HLO text."""
     try:
         devices = topology.parse("v6e-8").devices()
     except ImportError as e:
         pytest.skip(f"libtpu is not installed: {e}")
-    mcfg = resolve.model_config(resolve.ModelSpec(preset="llama3.1-405b", quant="int4"), remat="none", lora=None,
-                                num_layers=1)
-    lowered = lower_step(mcfg, make_mesh("tensor=8", devices), tokens=16, seqs=16, max_len=512, kv_tokens=16 * 512,
-                         kv_dtype="auto")
+    mcfg = resolve.model_config(resolve.ModelSpec(preset=preset, quant="int4"), remat="none", lora=None,
+                                num_layers=layers)
+    lowered = lower_step(mcfg, make_mesh("tensor=8", devices), tokens=16, seqs=16, kv_dtype="auto", **shape)
     return aot_compile.compile(lowered, devices).as_text()
+
+
+@pytest.fixture(scope="module")
+def decode_405b_v6e():
+    """One layer at 405B width."""
+    return decode_step_hlo("llama3.1-405b", 1, max_len=512, kv_tokens=16 * 512)
 
 
 def test_405b_width_decode_step_runs_the_pallas_kernel_and_keeps_int4_weights_packed(decode_405b_v6e):
@@ -293,17 +297,8 @@ def test_405b_width_decode_step_gathers_no_weight(decode_405b_v6e):
 
 @pytest.fixture(scope="module")
 def step_two_layers_v6e():
-    """The engine's decode step of a 2-layer model at 8B width (int4), tensor-parallel over a v6e-8, with a
-    pool of 1,025 blocks of 256 tokens (bigger than a chip's on-chip memory), compiled ahead of time."""
-    try:
-        devices = topology.parse("v6e-8").devices()
-    except ImportError as e:
-        pytest.skip(f"libtpu is not installed: {e}")
-    mcfg = resolve.model_config(resolve.ModelSpec(preset="llama3.1-8b", quant="int4"), remat="none", lora=None,
-                                num_layers=2)
-    lowered = lower_step(mcfg, make_mesh("tensor=8", devices), tokens=16, seqs=16, max_len=4096,
-                         kv_tokens=1024 * 256, kv_dtype="auto", block_size=256)
-    return aot_compile.compile(lowered, devices).as_text()
+    """Two layers at 8B width, with a pool of 1,025 blocks of 256 tokens (more than a chip's on-chip memory)."""
+    return decode_step_hlo("llama3.1-8b", 2, max_len=4096, kv_tokens=1024 * 256, block_size=256)
 
 
 def test_tpu_step_reads_the_pool_in_place(step_two_layers_v6e):
