@@ -501,6 +501,9 @@ def test_auto_block_size_and_prompt_chunk_follow_the_platform(one_device):
     m = model.init(model.LlamaConfig.preset("toy"), mesh=one_device)
     e = Engine(m, ByteTokenizer(), EngineConfig(max_slots=2, max_len=256))
     assert (e.cfg.block_size, e.cfg.prefill_chunk) == (16, 32) and e.cache.kv.shape[2] == 16
+    fixed = Engine(m, ByteTokenizer(), EngineConfig(max_slots=2, max_len=256, block_size=32, prefill_chunk=128))
+    ps = prompts([70, 9], seed=3)  # 70 tokens: three chunks of 32 with the auto config, one of 128 without
+    assert [r["token_ids"] for r in e.generate(ps, GREEDY)] == [r["token_ids"] for r in fixed.generate(ps, GREEDY)]
 
 
 def test_compile_only_resolves_the_block_size_for_the_topology(capsys):
