@@ -12,9 +12,10 @@ whole token budget, engine.prefill_tokens: prompt chunks beside decode tokens), 
 sequences of up to max_len keys. On TPU the attention over the pool is JAX's ragged paged attention kernel
 (model/network/backends/tpu_paged.py) where it applies, else the XLA reference.
 
-The pool: engine.kv_tokens tokens (0: max_slots x max_len) in blocks of engine.block_size, one more block
-for scratch. Its KV heads split over `tensor`, so every chip holds every block (its heads' share of it);
-the report gives the pool's blocks, tokens and bytes per chip and how many blocks the chip would have room
+The pool: engine.kv_tokens tokens (0: max_slots x max_len) in blocks of engine.block_size (0: chosen for
+the topology's platform, EngineConfig.resolved: 256 tokens for the v6e configs), one more block for
+scratch. Its KV heads split over `tensor`, so every chip holds every block (its heads' share of it); the
+report gives the pool's blocks, tokens and bytes per chip and how many blocks the chip would have room
 for beside the compiled step (`room_blocks`: the largest engine.kv_tokens that fits, in blocks).
 Exit status: 0 fits, 1 does not fit, 2 bad config.
 """
