@@ -194,9 +194,9 @@ MUTANTS = [
            "self.compute_dtype, rules.shards(self.in_axes, self.in_shape))", "self.compute_dtype)",
            ("tests/test_paged_kernels.py::test_405b_width_decode_step_gathers_no_weight",)),
     Mutant("tpu_pool_sliced_per_layer", "model/network/kv_cache.py",
-           "        L, nb = c.kv.shape[:2]\n",
+           "        nb = c.num_blocks\n",
            "        return paged_attention.attend(q_BTNH[0], c.kv[self.layer], None if c.scale is None else "
-           "c.scale[self.layer], self.meta, self.impl)[None], c\n        L, nb = c.kv.shape[:2]\n",
+           "c.scale[self.layer], self.meta, self.impl)[None], c\n        nb = c.num_blocks\n",
            ("tests/test_paged_kernels.py::test_tpu_step_reads_the_pool_in_place",)),
     Mutant("tpu_pool_stored_as_bits", "model/network/kv_cache.py",
            'return jnp.uint16 if as_bits(platform) and jnp.dtype(dtype).itemsize == 2',

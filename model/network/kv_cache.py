@@ -165,8 +165,11 @@ class LayerCache:
         if c.kv.dtype == jnp.uint16:  # CPU storage: this layer's blocks as floats (a copy, made to convert)
             kv = jax.lax.bitcast_convert_type(c.kv[self.layer], jnp.dtype(c.dtype))
             return paged_attention.attend(q_BTNH[0], kv, None, self.meta, self.impl)[None], c
-        L, nb = c.kv.shape[:2]
-        pages = lambda a: None if a is None else a.reshape(L * nb, *a.shape[2:])  # noqa: E731
+        nb = c.num_blocks
+
+        def pages(a):  # [L, num_blocks, ...] -> [L * num_blocks, ...]: a bitcast, nothing copied
+            return None if a is None else a.reshape(-1, *a.shape[2:])
+
         meta = dataclasses.replace(self.meta, page_indices=self.meta.page_indices + self.layer * nb)
         return paged_attention.attend(q_BTNH[0], pages(c.kv), pages(c.scale), meta, self.impl)[None], c
 

@@ -263,32 +263,31 @@ def matmul(x: jax.Array, q: jax.Array, s: jax.Array, qc: QuantConfig, in_shape, 
     same row chunks, `dx_k = dy · w_kᵀ`, with each chunk's rows converted and scaled again: autodiff of
     the loop would save every step's converted rows, i.e. the whole dequantized weight.
     """
-    return _matmul((qc, in_shards), tuple(in_shape), tuple(out_shape), jnp.dtype(compute_dtype), jnp.dtype(x.dtype),
+    return _matmul(qc, tuple(in_shape), tuple(out_shape), jnp.dtype(compute_dtype), jnp.dtype(x.dtype), in_shards,
                    x, q, s)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4))
-def _matmul(qcs, in_shape, out_shape, compute_dtype, x_dtype, x, q, s):
-    return _forward(x, q, s, qcs, in_shape, out_shape, compute_dtype)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4, 5))
+def _matmul(qc, in_shape, out_shape, compute_dtype, x_dtype, in_shards, x, q, s):
+    return _forward(x, q, s, qc, in_shape, out_shape, compute_dtype, in_shards)
 
 
-def _matmul_fwd(qcs, in_shape, out_shape, compute_dtype, x_dtype, x, q, s):
-    return _forward(x, q, s, qcs, in_shape, out_shape, compute_dtype), (q, s)
+def _matmul_fwd(qc, in_shape, out_shape, compute_dtype, x_dtype, in_shards, x, q, s):
+    return _forward(x, q, s, qc, in_shape, out_shape, compute_dtype, in_shards), (q, s)
 
 
-def _matmul_bwd(qcs, in_shape, out_shape, compute_dtype, x_dtype, res, dy):
+def _matmul_bwd(qc, in_shape, out_shape, compute_dtype, x_dtype, in_shards, res, dy):
     q, s = res
-    dx = _input_grad(dy, q, s, qcs, in_shape, out_shape, x_dtype)
+    dx = _input_grad(dy, q, s, qc, in_shape, out_shape, x_dtype, in_shards)
     return dx, np.zeros(q.shape, jax.dtypes.float0), jnp.zeros_like(s)
 
 
 _matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
-def _layout(q, s, qcs, tokens: int, I: int, O: int, compute_dtype, *, backward: bool = False):
-    """(mode, steps, unit, cdt, platform, q4 [A, steps, unit, O], s3) of the looped matmul (see `matmul`);
-    qcs: (QuantConfig, in_shards)."""
-    qc, in_shards = qcs
+def _layout(q, s, qc: QuantConfig, tokens: int, I: int, O: int, compute_dtype, in_shards: int, *,
+            backward: bool = False):
+    """(mode, steps, unit, cdt, platform, q4 [A, steps, unit, O], s3) of the looped matmul (see `matmul`)."""
     platform = _platform()
     # XLA:CPU has no bf16 x bf16 -> f32 dot inside loops ("Unsupported element type for DotThunk")
     # and upcasts bf16 dots anyway: there the operands are float32.
@@ -303,12 +302,12 @@ def _layout(q, s, qcs, tokens: int, I: int, O: int, compute_dtype, *, backward: 
     return mode, steps, unit, cdt, platform, q4, s3
 
 
-def _forward(x, q, s, qcs, in_shape, out_shape, compute_dtype) -> jax.Array:
+def _forward(x, q, s, qc: QuantConfig, in_shape, out_shape, compute_dtype, in_shards: int) -> jax.Array:
     n_in = len(in_shape)
     prefix = x.shape[:x.ndim - n_in]
     I, O = math.prod(in_shape), math.prod(out_shape)
     out_dtype, f32 = jnp.dtype(compute_dtype), jnp.float32
-    mode, steps, unit, cdt, platform, q4, s3 = _layout(q, s, qcs, math.prod(prefix), I, O, compute_dtype)
+    mode, steps, unit, cdt, platform, q4, s3 = _layout(q, s, qc, math.prod(prefix), I, O, compute_dtype, in_shards)
     A = I // (steps * unit)
     x4 = x.astype(cdt).reshape(*prefix, A, steps, unit)
 
@@ -349,14 +348,15 @@ def _forward(x, q, s, qcs, in_shape, out_shape, compute_dtype) -> jax.Array:
     return y.astype(out_dtype).reshape(*prefix, *out_shape)
 
 
-def _input_grad(dy, q, s, qcs, in_shape, out_shape, x_dtype) -> jax.Array:
+def _input_grad(dy, q, s, qc: QuantConfig, in_shape, out_shape, x_dtype, in_shards: int) -> jax.Array:
     """dx [*prefix, *in] (x_dtype) for dy [*prefix, *out]: `dy · (q ⊙ s)ᵀ` over the forward's row chunks,
     each chunk's integer rows converted (and scaled) on the spot; temporaries bounded as the forward's."""
     n_out = len(out_shape)
     prefix = dy.shape[:dy.ndim - n_out]
     I, O = math.prod(in_shape), math.prod(out_shape)
     f32 = jnp.float32
-    mode, steps, unit, cdt, platform, q4, s3 = _layout(q, s, qcs, math.prod(prefix), I, O, dy.dtype, backward=True)
+    mode, steps, unit, cdt, platform, q4, s3 = _layout(q, s, qc, math.prod(prefix), I, O, dy.dtype, in_shards,
+                                                       backward=True)
     A = I // (steps * unit)
     dy = dy.reshape(*prefix, O)
     if mode == "channel":  # per-output scales: scale dy once, the integer rows stay the dot operand
